@@ -1,0 +1,501 @@
+"""One frozen config tree for every stage, with named presets.
+
+Resolution order: preset < environment variables < CLI flags. Every field's environment name is its
+own name in upper case (`num_layers` <-> `NUM_LAYERS`), which keeps the upstream parameter-golf
+names (`SEED`, `DATA_PATH`, `ITERATIONS`, `TTT_LR`, ...) working. Field names are unique across
+sections, so one flat namespace serves env vars, CLI flags (`--num-layers`) and `config.json`.
+
+This is the only module that reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, Mapping
+
+from pgolf.errors import ConfigError
+
+SIZE_CAP_BYTES = 16_000_000  # the challenge's artifact cap (decimal bytes)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_path: str = "data/datasets/fineweb10B_sp1024"  # folder of fineweb_{train,val}_*.bin
+    tokenizer_path: str = "data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model
+    dataset_id: str = "willdepueoai/parameter-golf/fineweb10B_sp1024"  # recorded in environment.json
+    data_uri: str = ""  # s3://… or file://… mirror holding staged shards (cloud runs)
+    train_shards: int = 80  # how many train shards `data fetch` downloads (80 = the full 8B tokens)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 1024
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4  # GQA: heads share KV in groups of num_heads / num_kv_heads
+    mlp_mult: float = 3.0  # hidden = mlp_mult * model_dim
+    mlp_activation: Literal["relu2", "leaky_relu2"] = "leaky_relu2"
+    leaky_relu_slope: float = 0.5
+    tie_embeddings: bool = True
+    tied_embed_init_std: float = 0.005
+    logit_softcap: float = 30.0  # logits = softcap * tanh(z / softcap)
+    rope_base: float = 10000.0
+    rope_dims: int = 0  # rotary dims per head; 0 = the whole head (partial RoPE uses 16)
+    rope_ntk_ref_len: int = 0  # >0: NTK-rescale the base when seq_len exceeds this (PR #490 used 1024)
+    qk_gain_init: float = 1.5  # learned per-head gain on RMS-normed queries
+    unet_skips: bool = True  # encoder/decoder halves with learned skip weights
+    value_residual: bool = True  # layers >= 1 mix layer 0's raw V with learned lambdas
+    gated_attention: bool = True  # per-head sigmoid gate on the attention output
+    gate_bias_init: float = 4.0  # sigmoid(4) ~ 0.982: the gate starts almost open
+    bigram_buckets: int = 4096  # BigramHash table rows; 0 disables BigramHash
+    bigram_dim: int = 128
+    smear_gate: bool = True  # mix the previous position in (never into a BOS position)
+    xsa_last_n: int = 0  # exclusive self-attention on the last N layers
+    ln_scale: bool = False  # scale normalized branch inputs by 1/sqrt(layer+1)
+    attention_backend: Literal["auto", "fa3", "sdpa"] = "auto"  # auto: FA3 on CUDA if importable
+    torch_compile: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA, off for CPU
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(round(self.mlp_mult * self.model_dim))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 1337
+    iterations: int = 9000  # upper bound; the wallclock cap normally stops training first
+    train_batch_tokens: int = 786_432  # global tokens per optimizer step, whatever the world size
+    train_seq_len: int = 2048
+    micro_batch_seqs: int = 48  # sequences per forward on one rank; accumulation fills the rest
+    max_wallclock_seconds: float = 600.0  # 0 = no cap
+    gptq_reserve_seconds: float = 8.0  # quantizer calibration must fit inside the cap
+    warmup_steps: int = 20  # compile-priming steps; weights, optimizer and loader restored after
+    warmdown_iters: int = 1200  # LR decays linearly over the last warmdown_iters * step_avg of the cap
+    matrix_lr: float = 0.025  # Muon
+    scalar_lr: float = 0.025  # AdamW on vectors, gains, mixes
+    tied_embed_lr: float = 0.035  # AdamW on the tied embedding and the bigram table
+    embed_lr: float = 0.6  # untied input embedding (baseline-style untied runs only)
+    head_lr: float = 0.008  # untied output head
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_backend_steps: int = 5  # Newton-Schulz iterations
+    muon_ns_coeffs: Literal["classic", "polar_express"] = "classic"
+    muon_wd: float = 0.04
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    adam_wd: float = 0.04
+    grad_clip_norm: float = 0.3  # 0 = off
+    ema_decay: float = 0.997  # 0 = off; the EMA weights are what ships
+    late_qat_threshold: float = 0.0  # >0: int6 fake-quant once the LR multiplier drops below it
+    val_loss_every: int = 1000  # 0 = only at the end; the train clock pauses during validation
+    val_batch_size: int = 524_288  # tokens per validation forward batch (all ranks together)
+    train_log_every: int = 200
+    checkpoint_every_seconds: float = 0.0  # >0: resumable checkpoints (unlimited-compute track)
+    device: str = "auto"  # auto: cuda if available, else cpu
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    quant_method: Literal["gptq", "rtn"] = "gptq"
+    matrix_bits: int = 6  # block matrices
+    embed_bits: int = 8  # tied embedding / bigram table
+    row_clip: Literal["search", "sdclip"] = "search"  # per-row scale: clip search or k * std
+    sdclip_k: float = 12.85
+    embed_clip_percentile: float = 99.99984
+    passthrough_max_numel: int = 65_536  # tensors this small are stored as fp16
+    prune_fraction: float = 0.0  # magnitude pruning before quantization
+    lowrank_rank: int = 0  # >0: rank-k SVD correction of W - W_hat on the worst tensors
+    lowrank_tensors: int = 0
+    gptq_block_size: int = 128
+    gptq_damp: float = 0.01  # fraction of mean diag(H) added to the diagonal
+    gptq_act_order: bool = True
+    calib_source: Literal["train", "self"] = "train"  # self = text generated by the model itself
+    calib_batches: int = 8
+    compressor: Literal["auto", "zlib", "lzma", "zstd", "brotli"] = "auto"  # auto = smallest
+    size_cap_bytes: int = SIZE_CAP_BYTES
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eval_mode: Literal["rows", "sliding", "ttt"] = "ttt"
+    eval_seq_len: int = 0  # 0 = train_seq_len
+    eval_stride: int = 64
+    eval_batch_seqs: int = 32  # windows per forward
+    ttt_chunk_tokens: int = 131_072
+    ttt_lr: float = 1e-4
+    ttt_epochs: int = 3
+    ttt_unfreeze_blocks: int = 2
+    ttt_batch_seqs: int = 32
+    ttt_grad_clip: float = 1.0
+    ttt_temperature: float = 1.0  # fixed divisor of the logits; never fitted on validation data
+    eval_max_seconds: float = 600.0  # the eval clock includes loading and warm-up
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_id: str = ""  # default: <preset>-s<seed>-<UTC stamp>-<4 hex>
+    runs_dir: str = "runs"
+    results_uri: str = ""  # s3://bucket/prefix or file:///dir; empty = no sync
+    sync_every_seconds: float = 30.0
+    image: str = ""  # docker image tag in use (recorded in environment.json)
+    image_digest: str = ""
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "quant": QuantConfig,
+    "eval": EvalConfig,
+    "run": RunConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "seed"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def eval_seq_len(self) -> int:
+        return self.eval.eval_seq_len or self.train.train_seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def flat(self) -> dict[str, Any]:
+        """Every field as NAME -> value (the env-var view), in section order."""
+        out: dict[str, Any] = {}
+        for section in SECTIONS:
+            for f in fields(getattr(self, section)):
+                out[f.name] = getattr(getattr(self, section), f.name)
+        return out
+
+    def with_overrides(self, **values: Any) -> "Config":
+        """A copy with fields replaced by name (`cfg.with_overrides(num_layers=4)`)."""
+        return apply_overrides(self, values)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _fail(msg: str) -> None:
+    raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    m, t, q, e = cfg.model, cfg.train, cfg.quant, cfg.eval
+    for name, value in cfg.flat().items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            _fail(f"{name.upper()}={value} must be >= 0")
+    if m.num_heads < 1 or m.model_dim % m.num_heads:
+        _fail(f"MODEL_DIM={m.model_dim} is not divisible by NUM_HEADS={m.num_heads}")
+    if m.num_kv_heads < 1 or m.num_heads % m.num_kv_heads:
+        _fail(f"NUM_HEADS={m.num_heads} is not a multiple of NUM_KV_HEADS={m.num_kv_heads}")
+    if m.head_dim % 2:
+        _fail(f"head dim MODEL_DIM/NUM_HEADS={m.head_dim} must be even for RoPE")
+    if m.rope_dims % 2 or m.rope_dims > m.head_dim:
+        _fail(f"ROPE_DIMS={m.rope_dims} must be even and <= head dim {m.head_dim} (0 = all)")
+    if m.xsa_last_n > m.num_layers:
+        _fail(f"XSA_LAST_N={m.xsa_last_n} exceeds NUM_LAYERS={m.num_layers}")
+    if m.num_layers < 1 or m.vocab_size < 2 or m.mlp_hidden < 1:
+        _fail("NUM_LAYERS, VOCAB_SIZE and MLP_MULT*MODEL_DIM must be positive")
+    if m.vocab_size > 65_536:
+        _fail(f"VOCAB_SIZE={m.vocab_size} does not fit the uint16 shard format (max 65536)")
+    if m.bigram_buckets and m.bigram_buckets < 2:
+        _fail(f"BIGRAM_BUCKETS={m.bigram_buckets} must be 0 (off) or >= 2")
+    if t.train_seq_len < 2 or t.train_batch_tokens % t.train_seq_len:
+        _fail(
+            f"TRAIN_BATCH_TOKENS={t.train_batch_tokens} is not a multiple of "
+            f"TRAIN_SEQ_LEN={t.train_seq_len}"
+        )
+    if t.micro_batch_seqs < 1:
+        _fail("MICRO_BATCH_SEQS must be >= 1")
+    if t.max_wallclock_seconds and t.gptq_reserve_seconds >= t.max_wallclock_seconds:
+        _fail(
+            f"GPTQ_RESERVE_SECONDS={t.gptq_reserve_seconds} leaves no training time under "
+            f"MAX_WALLCLOCK_SECONDS={t.max_wallclock_seconds}"
+        )
+    if not 0 <= t.ema_decay < 1:
+        _fail(f"EMA_DECAY={t.ema_decay} must be in [0, 1) (0 = off)")
+    for name, bits in (("MATRIX_BITS", q.matrix_bits), ("EMBED_BITS", q.embed_bits)):
+        if not 2 <= bits <= 8:
+            _fail(f"{name}={bits} must be between 2 and 8")
+    if not 0 <= q.prune_fraction < 1:
+        _fail(f"PRUNE_FRACTION={q.prune_fraction} must be in [0, 1)")
+    if e.eval_stride < 1 or e.eval_stride > cfg.eval_seq_len:
+        _fail(f"EVAL_STRIDE={e.eval_stride} must be between 1 and the eval seq len {cfg.eval_seq_len}")
+    if e.ttt_chunk_tokens < cfg.eval_seq_len:
+        _fail(f"TTT_CHUNK_TOKENS={e.ttt_chunk_tokens} is smaller than one window ({cfg.eval_seq_len})")
+    if e.ttt_temperature <= 0:
+        _fail(f"TTT_TEMPERATURE={e.ttt_temperature} must be > 0")
+    if cfg.preset not in PRESETS:
+        _fail(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# presets: functions returning a Config; variants use dataclasses.replace on another preset
+
+
+def _seed() -> Config:
+    """PR #490's record script: 11L, VR, GA, LeakyReLU(0.5)^2, BigramHash, SmearGate, TTT."""
+    return Config(
+        preset="seed",
+        model=ModelConfig(rope_ntk_ref_len=1024),
+        train=TrainConfig(),
+        quant=QuantConfig(),
+        eval=EvalConfig(),
+    )
+
+
+def _seed_plus() -> Config:
+    """The seed plus the extras of PR #490's final script: XSA-4, partial RoPE 16, LN scale, late QAT."""
+    base = _seed()
+    return replace(
+        base,
+        preset="seed-plus",
+        model=replace(base.model, xsa_last_n=4, rope_dims=16, rope_ntk_ref_len=0, ln_scale=True),
+        train=replace(base.train, late_qat_threshold=0.15),
+    )
+
+
+def _baseline() -> Config:
+    """The challenge's naive baseline: 9L x 512, ReLU^2, MLP 2x, seq 1024, int8 + zlib, no TTT."""
+    return Config(
+        preset="baseline",
+        model=ModelConfig(
+            num_layers=9,
+            mlp_mult=2.0,
+            mlp_activation="relu2",
+            value_residual=False,
+            gated_attention=False,
+            bigram_buckets=0,
+            smear_gate=False,
+        ),
+        train=TrainConfig(
+            iterations=20_000,
+            train_batch_tokens=524_288,
+            train_seq_len=1024,
+            micro_batch_seqs=64,
+            gptq_reserve_seconds=0.0,
+            matrix_lr=0.04,
+            scalar_lr=0.04,
+            tied_embed_lr=0.05,
+            muon_wd=0.0,
+            adam_wd=0.0,
+            grad_clip_norm=0.0,
+            ema_decay=0.0,
+        ),
+        quant=QuantConfig(quant_method="rtn", matrix_bits=8, embed_bits=8, compressor="zlib"),
+        eval=EvalConfig(eval_mode="rows"),
+    )
+
+
+def _tiny() -> Config:
+    """A small shape of seed-plus that trains in minutes on 2 CPU cores (see docs/tiny-scale)."""
+    base = _seed_plus()
+    steps = 300
+    return replace(
+        base,
+        preset="tiny",
+        data=replace(
+            base.data,
+            data_path="data/offline",
+            tokenizer_path="data/offline/tokenizer.model",
+            dataset_id="offline-sotu-brown",
+        ),
+        model=replace(
+            base.model,
+            num_layers=4,
+            model_dim=128,
+            num_heads=4,
+            num_kv_heads=2,
+            bigram_buckets=1024,
+            bigram_dim=64,
+            xsa_last_n=2,
+            rope_dims=16,
+        ),
+        train=replace(
+            base.train,
+            iterations=steps,
+            train_batch_tokens=8192,
+            train_seq_len=256,
+            micro_batch_seqs=32,
+            max_wallclock_seconds=600.0,
+            gptq_reserve_seconds=5.0,
+            warmup_steps=2,
+            warmdown_iters=100,
+            muon_momentum_warmup_steps=50,
+            # 1 - 1/(0.1 * steps): a 0.997 EMA would still be 41% initial weights after 300 steps
+            ema_decay=1 - 1 / (0.1 * steps),
+            val_loss_every=100,
+            val_batch_size=16_384,
+            train_log_every=25,
+        ),
+        quant=replace(base.quant, calib_batches=4),
+        eval=replace(base.eval, ttt_chunk_tokens=16_384, ttt_batch_seqs=16, eval_batch_seqs=16),
+    )
+
+
+def _debug() -> Config:
+    """The smallest real code path, for tests: seconds on one CPU core."""
+    base = _tiny()
+    return replace(
+        base,
+        preset="debug",
+        model=replace(base.model, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1,
+                      bigram_buckets=256, bigram_dim=32, xsa_last_n=1),
+        train=replace(base.train, iterations=20, train_batch_tokens=2048, train_seq_len=64,
+                      micro_batch_seqs=32, gptq_reserve_seconds=1.0, warmup_steps=1,
+                      warmdown_iters=5, muon_momentum_warmup_steps=5, ema_decay=0.5,
+                      val_loss_every=0, val_batch_size=4096, train_log_every=5),
+        quant=replace(base.quant, calib_batches=2),
+        eval=replace(base.eval, eval_stride=16, ttt_chunk_tokens=2048, ttt_batch_seqs=8,
+                     eval_batch_seqs=8, ttt_epochs=1),
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {
+    "baseline": _baseline,
+    "seed": _seed,
+    "seed-plus": _seed_plus,
+    "tiny": _tiny,
+    "debug": _debug,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# resolution: preset < env < CLI flags
+
+
+def field_types() -> dict[str, tuple[str, Any]]:
+    """NAME -> (section, resolved type) for every config field."""
+    out: dict[str, tuple[str, Any]] = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            out[f.name] = (section, hints[f.name])
+    return out
+
+
+def parse_value(name: str, raw: Any, typ: Any) -> Any:
+    """Convert an env/CLI string (or a JSON value) to the field's type, or fail in one line."""
+    if not isinstance(raw, str):
+        return raw
+    text = raw.strip()
+    try:
+        if typ is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(text)
+        if typ is int:
+            try:
+                return int(text)
+            except ValueError:
+                number = float(text)  # accept "1e6" and "600.0" for integer fields
+                if not number.is_integer():
+                    raise
+                return int(number)
+        if typ is float:
+            return float(text)
+        if typing.get_origin(typ) is Literal:
+            choices = typing.get_args(typ)
+            if text not in choices:
+                raise ValueError(text)
+            return text
+        return text
+    except ValueError:
+        if typing.get_origin(typ) is Literal:
+            expected = "choice: one of " + "|".join(typing.get_args(typ))
+        else:
+            expected = getattr(typ, "__name__", str(typ))
+        raise ConfigError(f"{name.upper()}={raw!r} is not a valid {expected}") from None
+
+
+def apply_overrides(cfg: Config, values: Mapping[str, Any]) -> Config:
+    """Replace fields by (case-insensitive) name; unknown names fail with the closest match."""
+    types = field_types()
+    per_section: dict[str, dict[str, Any]] = {}
+    preset = cfg.preset
+    for key, raw in values.items():
+        name = key.lower().replace("-", "_")
+        if name == "preset":
+            preset = str(raw)
+            continue
+        if name not in types:
+            import difflib
+
+            close = difflib.get_close_matches(name, types, n=1)
+            tip = f" (did you mean {close[0].upper()}?)" if close else ""
+            raise ConfigError(f"unknown config field {key!r}{tip}")
+        section, typ = types[name]
+        per_section.setdefault(section, {})[name] = parse_value(name, raw, typ)
+    changes = {s: replace(getattr(cfg, s), **v) for s, v in per_section.items()}
+    return replace(cfg, preset=preset, **changes)
+
+
+def env_overrides(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The config fields set in the environment (upstream names, upper case)."""
+    env = os.environ if env is None else env
+    names = field_types()
+    return {name: env[name.upper()] for name in names if name.upper() in env}
+
+
+def resolve(
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """preset (default: $PRESET or 'seed') < environment < explicit overrides (CLI flags)."""
+    env = os.environ if env is None else env
+    name = preset or env.get("PRESET") or "seed"
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[name]()
+    cfg = apply_overrides(cfg, env_overrides(env))
+    return apply_overrides(cfg, dict(overrides or {}))
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Rebuild a Config from `config.json` (unknown fields are refused, not ignored)."""
+    cfg = PRESETS.get(data.get("preset", "seed"), _seed)()
+    flat: dict[str, Any] = {}
+    for section in SECTIONS:
+        flat.update(data.get(section, {}))
+    return apply_overrides(cfg, flat)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    with open(path, encoding="utf-8") as fh:
+        return from_dict(json.load(fh))
+
+
+def env_flag(name: str, default: str = "") -> str:
+    """Read a non-config environment value (e.g. IMAGE_DIGEST, CI) through the one env reader."""
+    return os.environ.get(name, default)

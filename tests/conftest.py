@@ -1,0 +1,39 @@
+"""Shared fixtures: CPU determinism and the offline English corpus (built once, cached in data/)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+try:  # torch-free test modules must not pay for it
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    torch = None
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def offline_data() -> Path:
+    """The offline corpus dataset (sp BPE 1024 tokenizer + train/val shards), cached in data/offline."""
+    from pgolf.data.offline import prepare_offline
+
+    return prepare_offline(REPO / "data" / "offline")
+
+
+@pytest.fixture(scope="session")
+def sp1024_model() -> Path:
+    """The challenge's real sp1024 tokenizer when it is present beside the checkout (never committed)."""
+    path = REPO.parent / "shared" / "data" / "fineweb_1024_bpe.model"
+    if not path.exists():
+        pytest.skip("the challenge tokenizer is absent (../shared/data/fineweb_1024_bpe.model)")
+    return path
