@@ -1,7 +1,7 @@
 """The `pgolf` command. Thin: parse arguments, resolve one Config, call a stage.
 
-Each command group lives in its own module here (`data`, `stages`, `results`, `launch`,
-`submission`), and none of them imports torch, boto3 or SkyPilot at module level, so
+Each command group lives in its own module here (`data`, `train`, `quantize`, `evaluate`,
+`run`, `results`, `launch`, `submission`), and none of them imports torch, boto3 or SkyPilot at module level, so
 `pgolf --help` and `pgolf results ls` start fast on a machine without them.
 """
 
@@ -17,13 +17,13 @@ from pgolf.errors import PgolfError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pgolf.cli import data, launch, results, stages, submission
+    from pgolf.cli import data, evaluate, launch, quantize, results, run, submission, train
 
     parser = argparse.ArgumentParser(prog="pgolf", description="Parameter Golf launch harness")
     parser.add_argument("--version", action="version", version=f"pgolf {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (data, stages, results, launch, submission):
+    for module in (data, train, quantize, evaluate, run, results, launch, submission):
         module.register(sub)
     return parser
 

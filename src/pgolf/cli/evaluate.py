@@ -1,4 +1,4 @@
-"""`pgolf` commands of this group (placeholder until its issue lands)."""
+"""`pgolf evaluate` (placeholder until its issue lands)."""
 
 from __future__ import annotations
 

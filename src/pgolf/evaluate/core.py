@@ -1,0 +1,303 @@
+"""`evaluate()`: load the shipped weights from disk, score every validation target once, write the record.
+
+    clock starts ─► load (artifact/checkpoint, val tokens, byte counts) ─► build (+ compile)
+      ─► warm-up on random tokens (compiled models only) ─► for each chunk: score, commit, [adapt]
+      ─► all-reduce float64 sums (and the audit array) ─► eval_summary.json (+ .npz), rank 0
+
+Modes: `rows` (non-overlapping seq_len rows), `sliding` (stride EVAL_STRIDE), `ttt` (sliding windows in
+TTT_CHUNK_TOKENS chunks, score-first adaptation between chunks; see ttt.py). Every rank calls
+`evaluate`; each chunk's windows are split contiguously over the ranks, which move in lockstep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from pgolf import dist
+from pgolf.config import Config
+from pgolf.errors import ArtifactError, ConfigError
+from pgolf.evaluate.budget import BudgetGuard, Clock, EvalClock
+from pgolf.evaluate.score import Tally, score_windows
+from pgolf.evaluate.ttt import Adapter, cosine_lr, select_trainable
+from pgolf.evaluate.windows import Chunk, Window, check_tiling, plan_chunks, plan_rows, plan_windows, shard
+
+log = logging.getLogger("pgolf.evaluate")
+
+MODES = ("rows", "sliding", "ttt")
+StateDictLoader = Callable[[Path], Mapping[str, torch.Tensor]]
+
+
+@dataclass
+class EvalResult:
+    mode: str
+    val_loss: float
+    val_bpb: float
+    targets: int  # targets scored (== expected_targets == val tokens - 1)
+    bytes: int  # UTF-8 bytes of the scored targets
+    eval_time_s: float  # the whole eval clock, from before the artifact was read
+    parts: dict[str, float] = field(default_factory=dict)  # load, build, warmup, score, ttt seconds
+    ttt_steps: int = 0
+    guard_fired: bool = False
+    guard_reason: str = ""
+    expected_targets: int = 0
+    ttt_chunks: int = 0
+    ttt_chunks_adapted: int = 0
+    score_first_checks: int = 0  # optimizer steps whose targets were verified as already scored
+    score_first_violations: int = 0  # always 0 in a finished run: a violation raises
+    seq_len: int = 0
+    stride: int = 0
+    world_size: int = 1
+    source: str = ""  # the weights file that was scored
+    eval_max_seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
+    """An unquantized state dict saved with torch.save (bare, or under a 'model' key)."""
+    if not Path(path).is_file():
+        raise ArtifactError(f"checkpoint {path} not found; train first or pass the right --checkpoint")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def default_loader(path: Path) -> Mapping[str, torch.Tensor]:
+    """*.pt / *.pth: torch checkpoint; anything else: the quantized artifact, dequantized."""
+    if Path(path).suffix in (".pt", ".pth"):
+        return load_checkpoint(path)
+    from pgolf.quantize import load_artifact
+
+    return load_artifact(path)
+
+
+def _load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Path) -> None:
+    result = model.load_state_dict(dict(state), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        what = (f"missing {result.missing_keys[:3]}" if result.missing_keys
+                else f"unexpected {result.unexpected_keys[:3]}")
+        raise ArtifactError(f"{source} does not match the model config ({what}); evaluate with the run's config.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# the chunk loop
+
+
+def _windows_for(mode: str, n_tokens: int, seq_len: int, stride: int) -> list[Window]:
+    return plan_rows(n_tokens, seq_len) if mode == "rows" else plan_windows(n_tokens, seq_len, stride)
+
+
+def _warm_up(model_fn: Any, cfg: Config, device: torch.device, adapter: Adapter | None,
+             grad_ctx: Callable[[], Any]) -> None:
+    """Trace/compile on RANDOM tokens (never validation tokens: spec §7.1 item 6); weights untouched."""
+    from pgolf.evaluate.score import autocast_for
+
+    g = torch.Generator().manual_seed(0)
+    seq_len, vocab = cfg.eval_seq_len, cfg.model.vocab_size
+    x = torch.randint(0, vocab, (cfg.eval.eval_batch_seqs, seq_len), generator=g).to(device)
+    for _ in range(2):
+        with grad_ctx(), autocast_for(device):
+            model_fn(x)
+    if adapter is not None and adapter.rows_per_rank:
+        x = torch.randint(0, vocab, (adapter.rows_per_rank, seq_len + 1), generator=g).to(device)
+        for _ in range(2):
+            with autocast_for(device):
+                logits = model_fn(x[:, :-1])
+            torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+        for p in adapter.params:
+            p.grad = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _score_chunks(*, model_fn: Any, tokens: torch.Tensor, windows: list[Window], chunks: list[Chunk],
+                  tally: Tally, guard: BudgetGuard, clock: EvalClock, adapter: Adapter | None,
+                  cfg: Config, rank: int, world_size: int, pad_rows: bool,
+                  grad_ctx: Callable[[], Any]) -> tuple[int, int]:
+    """Score chunk by chunk; between chunks adapt (TTT) while the budget allows. (steps, chunks adapted)"""
+    e, seq_len = cfg.eval, cfg.eval_seq_len
+    n_chunks = len(chunks)
+    windows_left = len(windows)
+    steps = adapted = 0
+    report_every = max(1, n_chunks // 10)
+    for chunk in chunks:
+        t_score = clock.clock()
+        a, b = shard(chunk.last_window - chunk.first_window, rank, world_size)
+        mine = windows[chunk.first_window + a: chunk.first_window + b]
+        with clock.part("score"), grad_ctx():
+            nll = score_windows(model_fn, tokens, mine, seq_len, e.eval_batch_seqs, e.ttt_temperature, pad_rows)
+            if mine:
+                tally.add(mine[0].score_from, nll)
+        n_win = chunk.last_window - chunk.first_window
+        windows_left -= n_win
+        guard.record_score(clock.clock() - t_score, n_win)
+        will_adapt = adapter is not None and chunk.index < n_chunks - 1
+        if adapter is not None:
+            was_fired = guard.fired
+            seq_epochs = -(-(chunk.hi - chunk.lo) // seq_len) * e.ttt_epochs
+            ok = not will_adapt or guard.allow_adapt(clock.elapsed(), windows_left, seq_epochs, chunk.index,
+                                                     n_chunks)
+            # lockstep: every rank has scored this chunk once this reduce returns; any rank can stop TTT
+            stop = dist.all_reduce_(torch.tensor([0.0 if ok else 1.0], device=_comm_device(tokens.device)), "max")
+            if stop.item() and not guard.fired:
+                guard.fire(f"another rank projected an overrun of EVAL_MAX_SECONDS at chunk {chunk.index + 1}")
+            if guard.fired and not was_fired and rank == 0:
+                log.warning("budget guard: %s", guard.reason)
+            will_adapt = will_adapt and not guard.fired
+        tally.commit(chunk.lo, chunk.hi)
+        if will_adapt:
+            assert adapter is not None
+            t_adapt = clock.clock()
+            with clock.part("ttt"):
+                adapter.set_lr(cosine_lr(e.ttt_lr, chunk.index, n_chunks))
+                steps += adapter.adapt(tokens, chunk.lo, chunk.hi, tally, e.ttt_epochs)
+            guard.record_adapt(clock.clock() - t_adapt, -(-(chunk.hi - chunk.lo) // seq_len) * e.ttt_epochs)
+            adapted += 1
+        if rank == 0 and n_chunks > 1 and ((chunk.index + 1) % report_every == 0 or chunk.index == n_chunks - 1):
+            local = tally.nll_sum / max(tally.count, 1)
+            log.info("eval chunk:%d/%d rank0_loss:%.4f ttt_steps:%d elapsed:%.1fs", chunk.index + 1, n_chunks,
+                     local, steps, clock.elapsed())
+    return steps, adapted
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    if dist.is_distributed() and torch.distributed.get_backend() == "nccl":
+        return device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def evaluate(cfg: Config, run_dir: Path, artifact_path: Path | None = None, mode: str | None = None,
+             per_token_out: Path | None = None, state_dict_loader: StateDictLoader | None = None, *,
+             checkpoint: Path | None = None, summary_name: str = "eval_summary.json",
+             clock: Clock | None = None) -> EvalResult:
+    """Score the validation split with the weights read from disk (all ranks call this).
+
+    Weights: `checkpoint` (unquantized torch state dict) if given, else `artifact_path`, else
+    run_dir/artifact.pgz. `state_dict_loader(path)` replaces the file reader (tests). Rank 0 writes
+    run_dir/`summary_name` and, with `per_token_out`, the audit .npz (nll float32, bytes int32)."""
+    from pgolf.data.bpb import bits_per_byte, val_target_bytes
+    from pgolf.data.loader import load_val_tokens
+    from pgolf.model import build_model, maybe_compile
+
+    eval_clock = EvalClock(clock)  # the eval clock starts before anything is read
+    mode = mode or cfg.eval.eval_mode
+    if mode not in MODES:
+        raise ConfigError(f"eval mode {mode!r} is not one of {'|'.join(MODES)}")
+    run_dir = Path(run_dir)
+    source = Path(checkpoint or artifact_path or run_dir / "artifact.pgz")
+    loader = state_dict_loader or (load_checkpoint if checkpoint else default_loader)
+    rank, world_size, _, device = dist.distributed_context(cfg.train.device)
+    e, seq_len = cfg.eval, cfg.eval_seq_len
+
+    with eval_clock.part("load"):
+        state = loader(source)
+        tokens_np = load_val_tokens(cfg.data.data_path, cfg.model.vocab_size)
+        target_bytes = val_target_bytes(cfg.data.data_path, tokens_np, cfg.data.tokenizer_path)
+    with eval_clock.part("build"):
+        model = build_model(cfg.model, device)
+        _load_weights(model, state, source)
+        del state
+        model.eval().requires_grad_(False)
+        trainable = select_trainable(model, e.ttt_unfreeze_blocks) if mode == "ttt" else []
+        model_fn = maybe_compile(model, cfg.model, device)
+        compiled = model_fn is not model
+        tokens = torch.from_numpy(tokens_np).to(device)
+        adapter = None
+        if mode == "ttt" and trainable:
+            adapter = Adapter(model_fn, [p for _, p in trainable], seq_len=seq_len, batch_seqs=e.ttt_batch_seqs,
+                              grad_clip=e.ttt_grad_clip, temperature=e.ttt_temperature, rank=rank,
+                              world_size=world_size, pad_rows=compiled)
+    # scoring in TTT must not make inference tensors (the model may cache them and backprop later)
+    grad_ctx = torch.no_grad if mode == "ttt" else torch.inference_mode
+    with eval_clock.part("warmup"):
+        if compiled:
+            _warm_up(model_fn, cfg, device, adapter, grad_ctx)
+
+    windows = _windows_for(mode, len(tokens_np), seq_len, e.eval_stride)
+    n_targets = len(tokens_np) - 1
+    check_tiling(windows, n_targets)
+    if mode == "ttt":
+        chunks = plan_chunks(windows, e.ttt_chunk_tokens)
+    else:
+        chunks = [Chunk(0, 0, len(windows), 0, n_targets)]
+    tally = Tally(target_bytes, keep_per_token=per_token_out is not None)
+    guard = BudgetGuard(e.eval_max_seconds)
+    if rank == 0:
+        log.info("eval mode:%s targets:%d windows:%d chunks:%d seq_len:%d stride:%d world_size:%d "
+                 "trainable_params:%d source:%s", mode, n_targets, len(windows), len(chunks), seq_len,
+                 e.eval_stride, world_size, sum(p.numel() for _, p in trainable), source)
+    steps, adapted = _score_chunks(model_fn=model_fn, tokens=tokens, windows=windows, chunks=chunks, tally=tally,
+                                   guard=guard, clock=eval_clock, adapter=adapter, cfg=cfg, rank=rank,
+                                   world_size=world_size, pad_rows=compiled, grad_ctx=grad_ctx)
+
+    comm = _comm_device(device)
+    sums = dist.all_reduce_(torch.tensor([tally.nll_sum, tally.count, tally.byte_sum], dtype=torch.float64,
+                                         device=comm))
+    nll_sum, count, byte_sum = float(sums[0]), int(sums[1]), int(sums[2])
+    if count != n_targets or byte_sum != int(target_bytes.sum(dtype=np.int64)):
+        raise AssertionError(f"scored {count} of {n_targets} targets ({byte_sum} bytes); the window plan is broken")
+    per_token = None
+    if tally.per_token is not None:  # each target was written by exactly one rank: the sum is exact
+        per_token = dist.all_reduce_(torch.from_numpy(tally.per_token).to(comm)).cpu().numpy()
+    result = EvalResult(
+        mode=mode, val_loss=nll_sum / count, val_bpb=bits_per_byte(nll_sum, byte_sum), targets=count,
+        bytes=byte_sum, eval_time_s=0.0, ttt_steps=steps, guard_fired=guard.fired, guard_reason=guard.reason,
+        expected_targets=n_targets, ttt_chunks=len(chunks) if mode == "ttt" else 0, ttt_chunks_adapted=adapted,
+        score_first_checks=tally.checks, seq_len=seq_len, stride=0 if mode == "rows" else e.eval_stride,
+        world_size=world_size, source=str(source), eval_max_seconds=e.eval_max_seconds,
+    )
+    if rank == 0 and per_token_out is not None:
+        write_per_token(Path(per_token_out), per_token, target_bytes)
+    result.eval_time_s = eval_clock.elapsed()
+    result.parts = {k: round(v, 4) for k, v in eval_clock.parts.items()}
+    if rank == 0:
+        write_summary(run_dir, summary_name, result, per_token_out)
+        log.info("eval_%s val_loss:%.8f val_bpb:%.8f targets:%d bytes:%d eval_time:%.0fms ttt_steps:%d guard:%s",
+                 mode, result.val_loss, result.val_bpb, count, byte_sum, result.eval_time_s * 1000, steps,
+                 "fired" if guard.fired else "no")
+    dist.barrier()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+
+def write_per_token(path: Path, nll: np.ndarray | None, target_bytes: np.ndarray) -> None:
+    """The audit trail: nll (float32, nats) and bytes (int32) for every target, in stream order."""
+    assert nll is not None and nll.shape == target_bytes.shape
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, nll=nll.astype(np.float32), bytes=target_bytes.astype(np.int32))
+    os.replace(tmp, path)
+
+
+def write_summary(run_dir: Path, name: str, result: EvalResult, per_token_out: Path | None) -> None:
+    """run_dir/name (atomic) and one `eval` event appended to run_dir/metrics.jsonl."""
+    payload = asdict(result)
+    payload["per_token_out"] = str(per_token_out) if per_token_out else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / name
+    tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"event": "eval", "summary": name, **payload}, sort_keys=True) + "\n")

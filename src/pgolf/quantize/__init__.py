@@ -1,0 +1,31 @@
+"""Post-training quantization and the artifact: calibrate -> quantize -> artifact.pgz -> load_artifact.
+
+    calibrate(cfg, run_dir, model=None) -> CalibResult     Hessians into checkpoint/hessians.pt
+    quantize(cfg, run_dir, code_bytes=None) -> QuantResult  artifact.pgz + quant_report.json
+    load_artifact(path) -> state dict                       dequantized float32, the model's keys
+    dequantize_in_memory(entries) -> state dict             identical to load_artifact of the same entries
+    compare_methods(cfg, run_dir) -> rows                   bytes and val_bpb of several methods
+
+Modules: rows (row scales, RTN), gptq, calibrate, artifact (container + compressors), report
+(sizes, table), quantizer (the stage), compare. Importing this package imports torch; the CLI
+imports it lazily.
+"""
+
+from pgolf.quantize.artifact import load_artifact
+from pgolf.quantize.calibrate import CalibResult, calibrate
+from pgolf.quantize.compare import compare_methods, format_compare
+from pgolf.quantize.quantizer import (QuantResult, dequantize_in_memory, quantize, quantize_checkpoint,
+                                      quantize_state_dict)
+
+__all__ = [
+    "CalibResult",
+    "QuantResult",
+    "calibrate",
+    "compare_methods",
+    "dequantize_in_memory",
+    "format_compare",
+    "load_artifact",
+    "quantize",
+    "quantize_checkpoint",
+    "quantize_state_dict",
+]

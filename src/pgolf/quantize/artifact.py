@@ -1,0 +1,324 @@
+"""The artifact container (`artifact.pgz`): our own documented format, one compressed body.
+
+File layout (all integers little-endian):
+
+    offset  size  field
+    0       4     magic b"PGQZ"
+    4       2     format version (u16) = 1
+    6       1     compressor id (u8): 1 zlib-9, 2 lzma (raw LZMA2, preset 9|extreme), 3 zstd-22,
+                  4 brotli-11 (window 24)
+    7       1     reserved, 0
+    8       8     body length before compression (u64)
+    16      8     compressed length (u64) = file size - 56
+    24      32    sha256 of bytes 0..23 followed by the compressed body
+    56      ...   compressed body
+
+Body (before compression):
+
+    0       4     header length N (u32)
+    4       N     header: UTF-8 JSON, sorted keys, no spaces:
+                  {"layout": "int8"|"packed", "tensors": [entry, ...]} with entries in name order,
+                  entry = {"name", "kind": quant|fp16|raw, "shape", "dtype" (torch dtype of the
+                  original tensor), "bits" (quant only), "parts": [part, ...]},
+                  part  = {"role", "enc", "shape", "offset", "nbytes"} (offset from the payload start)
+    4+N     ...   payload: every part's bytes, grouped by role in the order q, scale, data, lr_a,
+                  lr_b, so that like bytes sit together for the entropy coder.
+
+Part encodings: "i8" int8 values; "u<b>" the integers q + qmax (in [0, 2^b - 2]) bit-packed
+MSB-first into ceil(numel*b/8) bytes; "f16" IEEE half; "np:<numpy dtype>" raw bytes (non-float
+tensors). A "quant" entry dequantizes to q * scale[:, None] (+ lr_a @ lr_b when a low-rank
+correction is stored), computed in float32; "fp16" to the half values as float32; "raw" to its
+original dtype. The same `dequantize_entry` serves the in-memory path and the loader, so both give
+identical tensors. Identical weights give identical bytes (sorted names, sorted JSON keys,
+deterministic compressors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pgolf.errors import ArtifactError
+from pgolf.quantize.rows import qmax_for
+
+MAGIC = b"PGQZ"
+VERSION = 1
+PREFIX = struct.Struct("<4sHBBQQ")  # magic, version, compressor id, reserved, body len, comp len
+HEADER_BYTES = PREFIX.size + 32
+COMPRESSORS = {"zlib": 1, "lzma": 2, "zstd": 3, "brotli": 4}
+COMPRESSOR_NAMES = {v: k for k, v in COMPRESSORS.items()}
+ROLE_ORDER = ("q", "scale", "data", "lr_a", "lr_b")
+LAYOUTS = ("int8", "packed")
+_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+
+
+@dataclass
+class Entry:
+    """One state-dict tensor as stored: kind quant (q, scale[, lr_a, lr_b]), fp16 (data) or raw (data)."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype of the original tensor, e.g. "float32"
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    bits: int = 0
+
+    def payload_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
+
+
+def dequantize_entry(e: Entry) -> torch.Tensor:
+    """The tensor an entry stands for (float32 for float originals, the original dtype otherwise)."""
+    if e.kind == "quant":
+        w = e.parts["q"].float() * e.parts["scale"].float().unsqueeze(1)
+        if "lr_a" in e.parts:
+            w = w + e.parts["lr_a"].float() @ e.parts["lr_b"].float()
+        return w.reshape(e.shape)
+    if e.kind == "fp16":
+        return e.parts["data"].float().reshape(e.shape)
+    if e.kind == "raw":
+        return e.parts["data"].reshape(e.shape)
+    raise ArtifactError(f"unknown tensor kind {e.kind!r} for {e.name}; the artifact is from a newer pgolf")
+
+
+# ---------------------------------------------------------------------------------------------
+# compressors
+
+
+def _zstd():
+    try:
+        import zstandard
+    except ImportError:
+        raise ArtifactError("compressor zstd needs the zstandard package; pip install zstandard") from None
+    return zstandard
+
+
+def _brotli():
+    try:
+        import brotli
+    except ImportError:
+        raise ArtifactError("compressor brotli needs the brotli package; pip install brotli") from None
+    return brotli
+
+
+def compress(name: str, data: bytes) -> bytes:
+    if name == "zlib":
+        return zlib.compress(data, 9)
+    if name == "lzma":
+        return lzma.compress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    if name == "zstd":
+        return _zstd().ZstdCompressor(level=22, write_content_size=True).compress(data)
+    if name == "brotli":
+        return _brotli().compress(data, quality=11, lgwin=24)
+    raise ArtifactError(f"unknown compressor {name!r}; choose one of {', '.join(COMPRESSORS)}")
+
+
+def decompress(name: str, data: bytes, size: int) -> bytes:
+    if name == "zlib":
+        return zlib.decompress(data)
+    if name == "lzma":
+        return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    if name == "zstd":
+        return _zstd().ZstdDecompressor().decompress(data, max_output_size=size)
+    if name == "brotli":
+        return _brotli().decompress(data)
+    raise ArtifactError(f"unknown compressor {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# body encoding
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> bytes:
+    """q in [-qmax, qmax] -> (q + qmax) as `bits`-bit fields, MSB first, zero-padded to a byte."""
+    u = (q.flatten().to(torch.int16) + qmax_for(bits)).numpy().astype(np.uint8)
+    fields = np.unpackbits(u[:, None], axis=1)[:, 8 - bits :]
+    return np.packbits(fields.reshape(-1)).tobytes()
+
+
+def unpack_bits(buf: bytes, bits: int, numel: int) -> torch.Tensor:
+    stream = np.unpackbits(np.frombuffer(buf, dtype=np.uint8))[: numel * bits].reshape(numel, bits)
+    full = np.zeros((numel, 8), dtype=np.uint8)
+    full[:, 8 - bits :] = stream
+    u = np.packbits(full, axis=1).reshape(numel).astype(np.int16)
+    return torch.from_numpy(u - qmax_for(bits)).to(torch.int8)
+
+
+def _encode_part(role: str, t: torch.Tensor, bits: int, layout: str) -> tuple[str, bytes]:
+    t = t.detach().cpu().contiguous()
+    if role == "q":
+        if layout == "packed" and bits < 8:
+            return f"u{bits}", pack_bits(t, bits)
+        return "i8", t.to(torch.int8).numpy().tobytes()
+    if t.dtype == torch.float16:
+        return "f16", t.numpy().tobytes()
+    arr = t.numpy()
+    return f"np:{arr.dtype.str}", arr.tobytes()
+
+
+def _decode_part(enc: str, buf: bytes, shape: list[int]) -> torch.Tensor:
+    numel = int(np.prod(shape)) if shape else 1
+    if enc == "i8":
+        arr = np.frombuffer(buf, dtype=np.int8)
+    elif enc.startswith("u"):
+        return unpack_bits(buf, int(enc[1:]), numel).reshape(shape)
+    elif enc == "f16":
+        arr = np.frombuffer(buf, dtype=np.float16)
+    elif enc.startswith("np:"):
+        arr = np.frombuffer(buf, dtype=np.dtype(enc[3:]))
+    else:
+        raise ArtifactError(f"unknown part encoding {enc!r}; the artifact is from a newer pgolf")
+    if arr.size != numel:
+        raise ArtifactError(f"artifact part holds {arr.size} values, its table says {numel}; the file is corrupted")
+    return torch.from_numpy(arr.copy()).reshape(shape)
+
+
+def encode_body(entries: list[Entry], layout: str = "int8") -> bytes:
+    entries = sorted(entries, key=lambda e: e.name)
+    encoded: dict[tuple[int, str], tuple[str, bytes]] = {}
+    for i, e in enumerate(entries):
+        for role, t in e.parts.items():
+            if role not in ROLE_ORDER:
+                raise ValueError(f"unknown part role {role!r}")
+            encoded[(i, role)] = _encode_part(role, t, e.bits, layout)
+    offsets: dict[tuple[int, str], tuple[int, int]] = {}
+    chunks: list[bytes] = []
+    pos = 0
+    for role in ROLE_ORDER:
+        for i in range(len(entries)):
+            if (i, role) in encoded:
+                buf = encoded[(i, role)][1]
+                offsets[(i, role)] = (pos, len(buf))
+                chunks.append(buf)
+                pos += len(buf)
+    table = []
+    for i, e in enumerate(entries):
+        parts = []
+        for role in ROLE_ORDER:
+            if role in e.parts:
+                off, n = offsets[(i, role)]
+                enc = encoded[(i, role)][0]
+                parts.append({"role": role, "enc": enc, "shape": list(e.parts[role].shape),
+                              "offset": off, "nbytes": n})
+        item = {"name": e.name, "kind": e.kind, "shape": list(e.shape), "dtype": e.dtype, "parts": parts}
+        if e.kind == "quant":
+            item["bits"] = e.bits
+        table.append(item)
+    header = json.dumps({"layout": layout, "tensors": table}, sort_keys=True, separators=(",", ":")).encode()
+    return struct.pack("<I", len(header)) + header + b"".join(chunks)
+
+
+def decode_body(body: bytes) -> list[Entry]:
+    try:
+        (n,) = struct.unpack_from("<I", body, 0)
+        header = json.loads(body[4 : 4 + n].decode("utf-8"))
+        payload = memoryview(body)[4 + n :]
+        out = []
+        for item in header["tensors"]:
+            parts = {}
+            for p in item["parts"]:
+                off, nb = int(p["offset"]), int(p["nbytes"])
+                if off < 0 or off + nb > len(payload):
+                    raise ArtifactError(f"artifact part of {item['name']} lies outside the payload; the file is corrupted")
+                parts[p["role"]] = _decode_part(p["enc"], bytes(payload[off : off + nb]), p["shape"])
+            out.append(Entry(name=item["name"], kind=item["kind"], shape=tuple(item["shape"]),
+                             dtype=item["dtype"], parts=parts, bits=int(item.get("bits", 0))))
+        return out
+    except ArtifactError:
+        raise
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"artifact tensor table is unreadable ({type(exc).__name__}); the file is corrupted") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# the file
+
+
+def frame(body: bytes, compressor: str, compressed: bytes | None = None) -> bytes:
+    comp = compress(compressor, body) if compressed is None else compressed
+    prefix = PREFIX.pack(MAGIC, VERSION, COMPRESSORS[compressor], 0, len(body), len(comp))
+    return prefix + hashlib.sha256(prefix + comp).digest() + comp
+
+
+def unframe(blob: bytes, where: str = "artifact") -> tuple[bytes, str]:
+    """(body, compressor name) or a one-line ArtifactError."""
+    if len(blob) < HEADER_BYTES:
+        raise ArtifactError(f"{where} is {len(blob)} B, shorter than the {HEADER_BYTES}-byte header; it is truncated")
+    magic, version, cid, _, body_len, comp_len = PREFIX.unpack_from(blob, 0)
+    if magic != MAGIC:
+        raise ArtifactError(f"{where} does not start with {MAGIC!r} (found {magic!r}); not a pgolf artifact")
+    if version != VERSION:
+        raise ArtifactError(f"{where} has format version {version}, this pgolf reads {VERSION}; use a matching pgolf")
+    if cid not in COMPRESSOR_NAMES:
+        raise ArtifactError(f"{where} names unknown compressor id {cid}; the file is corrupted")
+    comp = blob[HEADER_BYTES:]
+    if len(comp) != comp_len:
+        raise ArtifactError(
+            f"{where} holds {len(comp):,} compressed bytes, its header says {comp_len:,}; "
+            "the file is truncated or padded, re-copy it"
+        )
+    if hashlib.sha256(blob[: PREFIX.size] + comp).digest() != blob[PREFIX.size : HEADER_BYTES]:
+        raise ArtifactError(f"{where} fails its sha256 check; the file is corrupted, re-copy or re-quantize it")
+    name = COMPRESSOR_NAMES[cid]
+    try:
+        body = decompress(name, comp, body_len)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # zlib.error, lzma.LZMAError, zstd.ZstdError, brotli.error
+        raise ArtifactError(f"{where} does not decompress with {name} ({type(exc).__name__}); the file is corrupted") from None
+    if len(body) != body_len:
+        raise ArtifactError(f"{where} decompresses to {len(body):,} B, its header says {body_len:,}; the file is corrupted")
+    return body, name
+
+
+def choose(entries: list[Entry], compressor: str = "auto", layout: str = "auto") -> tuple[bytes, dict]:
+    """The smallest framed artifact over the allowed compressors and q layouts, and every size tried."""
+    names = list(COMPRESSORS) if compressor == "auto" else [compressor]
+    layouts = list(LAYOUTS) if layout == "auto" else [layout]
+    if not any(e.kind == "quant" and e.bits < 8 for e in entries):
+        layouts = layouts[:1]  # packing changes nothing when no integer is narrower than 8 bits
+    for n in names:  # fail before any work when a library is missing
+        compress(n, b"")
+    bodies = {lay: encode_body(entries, lay) for lay in layouts}
+    jobs = [(lay, n) for lay in layouts for n in names]
+    with ThreadPoolExecutor(max_workers=min(4, len(jobs))) as pool:
+        results = list(pool.map(lambda j: compress(j[1], bodies[j[0]]), jobs))
+    sizes = {f"{lay}+{n}": len(c) + HEADER_BYTES for (lay, n), c in zip(jobs, results)}
+    best = min(range(len(jobs)), key=lambda i: (len(results[i]), i))  # ties: first in the fixed order
+    lay, n = jobs[best]
+    blob = frame(bodies[lay], n, results[best])
+    return blob, {"compressor": n, "layout": lay, "body_bytes": len(bodies[lay]), "candidates": sizes}
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_entries(path: str | os.PathLike[str]) -> tuple[list[Entry], str]:
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"artifact {p} not found; run `pgolf quantize` first")
+    body, name = unframe(p.read_bytes(), where=str(p))
+    return decode_body(body), name
+
+
+def load_artifact(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """artifact.pgz -> the dequantized state dict (float32 floats, the model's exact keys)."""
+    entries, _ = read_entries(path)
+    return {e.name: dequantize_entry(e) for e in entries}

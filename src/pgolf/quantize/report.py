@@ -1,0 +1,91 @@
+"""Size accounting and the per-tensor report (`quant_report.json`, the CLI table).
+
+Total = compressed model bytes (the artifact file size) + code bytes, against the decimal 16,000,000 B
+cap (technique-spec §4.3). Until the submission bundler exists, code bytes default to the raw size
+of every runtime source file of the package (src/pgolf/**/*.py): an upper bound on what ships; the
+pipeline may pass the bundled train_gpt.py size instead, and the report says which one was used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pgolf
+
+CODE_SOURCE_RAW = "raw bytes of src/pgolf/**/*.py (upper bound until the submission bundler exists)"
+CODE_SOURCE_GIVEN = "given by the caller (bundled submission code)"
+
+
+@dataclass
+class TensorRow:
+    name: str
+    shape: list[int]
+    kind: str  # quant | fp16 | raw
+    method: str  # gptq | rtn-search | rtn-sdclip | rtn-percentile | embed-percentile | fp16 | raw
+    bits: int  # 16 for fp16 passthrough, 0 for raw
+    payload_bytes: int  # bytes before compression (values + scales + low-rank factors)
+    rel_err: float  # ||W - W_hat||_F / ||W||_F
+    out_err: float | None = None  # sqrt(tr(E H E^T) / tr(W H W^T)) when a Hessian is known
+    pruned: float = 0.0  # fraction of exact zeros forced by pruning
+    lowrank: int = 0  # rank of the stored correction
+    note: str = ""
+
+
+def source_code_bytes() -> int:
+    """Raw bytes of the package's runtime sources (src/pgolf/**/*.py)."""
+    root = Path(pgolf.__file__).resolve().parent
+    return sum(p.stat().st_size for p in sorted(root.rglob("*.py")) if "__pycache__" not in p.parts)
+
+
+def _fmt_err(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.2e}" if x and (x < 1e-3) else f"{x:.4f}"
+
+
+def format_table(rows: list[TensorRow]) -> str:
+    """Fixed-width per-tensor table: name, shape, method, bits, bytes, relative errors, notes."""
+    head = ("tensor", "shape", "method", "bits", "bytes", "rel_err", "out_err", "note")
+    lines = [
+        (r.name, "x".join(map(str, r.shape)) or "scalar", r.method, str(r.bits), f"{r.payload_bytes:,}",
+         _fmt_err(r.rel_err), _fmt_err(r.out_err),
+         "; ".join(x for x in (r.note, f"pruned {r.pruned:.1%}" if r.pruned else "",
+                               f"low-rank {r.lowrank}" if r.lowrank else "") if x))
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
+    for l in lines:
+        out.append("  ".join(c.rjust(w) if i in (3, 4, 5, 6) else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(l, widths))).rstrip())
+    return "\n".join(out)
+
+
+def summary_lines(report: dict) -> list[str]:
+    """Upstream-compatible size lines (`Serialized model ...`, `Total submission size ...`)."""
+    tag = f"int{report['quant']['matrix_bits']}+{report['compressor']}"
+    return [
+        f"Serialized model {tag}: {report['model_bytes']} bytes",
+        f"Code size: {report['code_bytes']} bytes ({report['code_bytes_source']})",
+        f"Total submission size {tag}: {report['total_bytes']} bytes "
+        f"(cap {report['size_cap_bytes']}, headroom {report['headroom_bytes']})",
+    ]
+
+
+def _clean(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    return x
+
+
+def report_json(report: dict, rows: list[TensorRow]) -> str:
+    data = dict(report)
+    data["tensors"] = [asdict(r) for r in rows]
+    return json.dumps(_clean(data), indent=2, sort_keys=True) + "\n"

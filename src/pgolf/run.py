@@ -1,0 +1,175 @@
+"""`pgolf run`: one record attempt, end to end, into one run folder.
+
+    train -> calibrate (on the train clock) -> quantize (rank 0) -> evaluate from the artifact file
+    -> summary.json + compliance.json -> final sync (manifest.json last)
+
+Plain python on CPU, `torchrun` on GPUs; every rank calls `pipeline`. Stages talk only through the
+run folder and small dataclasses; this module is the only place that chains them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from pgolf import config as cfgmod
+from pgolf.config import Config
+from pgolf.runinfo import (
+    CHALLENGE_EVAL_SECONDS,
+    CHALLENGE_TRAIN_SECONDS,
+    collect_environment,
+    write_json,
+)
+
+log = logging.getLogger("pgolf.run")
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if is_dataclass(obj):
+        return asdict(obj)
+    return dict(obj)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _sync_context(cfg: Config, run_dir: Path, is_rank0: bool):
+    """Background sync of the run folder to RESULTS_URI (rank 0 only); a no-op without a URI."""
+    if not (is_rank0 and cfg.run.results_uri):
+        return nullcontext()
+    from pgolf.sync import RunSync
+
+    return RunSync(run_dir, cfg.run.results_uri, every_seconds=cfg.run.sync_every_seconds)
+
+
+def pipeline(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Run every stage; returns the summary dict (also written to summary.json on rank 0)."""
+    from pgolf import dist, evaluate, quantize, train
+
+    rank, world_size, _, device = dist.distributed_context()
+    is_rank0 = rank == 0
+    run_dir = Path(run_dir)
+    if is_rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", cfg.to_dict())
+        write_json(run_dir / "environment.json", collect_environment(cfg, device, world_size))
+
+    with _sync_context(cfg, run_dir, is_rank0):
+        trained = train.train(cfg, run_dir, resume=resume)
+        calib_s = 0.0
+        if cfg.quant.quant_method == "gptq":
+            calib_s = quantize.calibrate(cfg, run_dir).seconds
+        dist.barrier()
+
+        pre_quant = evaluate.evaluate(cfg, run_dir, mode="rows", checkpoint=run_dir / "checkpoint" / "model.pt",
+                                      summary_name="eval_prequant.json")
+        quant_result = None
+        if is_rank0:
+            quant_result = quantize.quantize(cfg, run_dir, check_cap=False)
+        dist.barrier()
+        post_quant = evaluate.evaluate(cfg, run_dir, mode="rows", summary_name="eval_postquant.json")
+        final = evaluate.evaluate(cfg, run_dir, per_token_out=run_dir / "eval_per_token.npz")
+
+        summary: dict[str, Any] = {}
+        if is_rank0:
+            summary = write_summary(cfg, run_dir, trained, calib_s, quant_result, pre_quant, post_quant, final)
+    if is_rank0 and summary:
+        log.info("final val_bpb:%.6f total_bytes:%s compliance:%s", summary["val_bpb"], summary["total_bytes"],
+                 "ok" if summary["compliant"] else "FAILED")
+    return summary
+
+
+def write_summary(cfg: Config, run_dir: Path, trained: Any, calib_s: float, quant_result: Any,
+                  pre_quant: Any, post_quant: Any, final: Any) -> dict[str, Any]:
+    t, q, e = _as_dict(trained), _as_dict(quant_result), _as_dict(final)
+    pre, post = _as_dict(pre_quant), _as_dict(post_quant)
+    train_time_s = t.get("train_time_ms", 0.0) / 1000.0
+    summary = {
+        "run_id": run_dir.name,
+        "preset": cfg.preset,
+        "seed": cfg.train.seed,
+        "steps": t.get("steps"),
+        "step_avg_ms": t.get("step_avg_ms"),
+        "tokens_seen": t.get("tokens_seen"),
+        "peak_memory_mib": t.get("peak_memory_mib"),
+        "last_val_loss": t.get("last_val_loss"),
+        "last_val_bpb": t.get("last_val_bpb"),
+        "prequant_val_loss": pre.get("val_loss"),
+        "prequant_val_bpb": pre.get("val_bpb"),
+        "postquant_val_loss": post.get("val_loss"),
+        "postquant_val_bpb": post.get("val_bpb"),
+        "eval_mode": e.get("mode", cfg.eval.eval_mode),
+        "val_loss": e.get("val_loss"),
+        "val_bpb": e.get("val_bpb"),
+        "targets": e.get("targets"),
+        "bytes": e.get("bytes"),
+        "ttt_steps": e.get("ttt_steps"),
+        "eval_guard_fired": e.get("guard_fired"),
+        "train_time_s": round(train_time_s, 3),
+        "calib_time_s": round(calib_s, 3),
+        "train_plus_calib_s": round(train_time_s + calib_s, 3),
+        "eval_time_s": e.get("eval_time_s"),
+        "eval_parts_s": e.get("parts"),
+        "model_bytes": q.get("model_bytes"),
+        "code_bytes": q.get("code_bytes"),
+        "total_bytes": q.get("total_bytes"),
+        "compressor": q.get("compressor"),
+    }
+    compliance = check_compliance(cfg, run_dir, summary)
+    summary["compliant"] = all(rule["ok"] for rule in compliance.values())
+    write_json(run_dir / "compliance.json", compliance)
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def check_compliance(cfg: Config, run_dir: Path, summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each challenge rule as a measured fact: {"ok", "value", "limit", "how"}."""
+    evals = _read_json(run_dir / "eval_summary.json")
+    train_summary = _read_json(run_dir / "train_summary.json")
+    rules: dict[str, dict[str, Any]] = {}
+
+    def rule(name: str, value: Any, limit: Any, ok: bool, how: str) -> None:
+        rules[name] = {"ok": bool(ok), "value": value, "limit": limit, "how": how}
+
+    train_s = summary["train_plus_calib_s"]
+    rule("train_time", train_s, CHALLENGE_TRAIN_SECONDS, train_s <= CHALLENGE_TRAIN_SECONDS,
+         "train clock (first real step to stop, validation paused) + GPTQ calibration seconds")
+    eval_s = summary.get("eval_time_s")
+    rule("eval_time", eval_s, CHALLENGE_EVAL_SECONDS, eval_s is not None and eval_s <= CHALLENGE_EVAL_SECONDS,
+         "eval clock from before the artifact is read: load, build, warm-up, scoring and TTT")
+    total = summary.get("total_bytes")
+    rule("artifact_bytes", total, cfg.quant.size_cap_bytes, total is not None and total <= cfg.quant.size_cap_bytes,
+         "artifact.pgz file size + code bytes (see quant_report.json)")
+    violations = evals.get("score_first_violations")
+    rule("ttt_score_first", violations, 0, violations == 0,
+         "every TTT optimizer step trained only on targets whose scores were already committed")
+    scored, expected = evals.get("targets"), evals.get("expected_targets")
+    rule("every_target_scored_once", scored, expected, scored is not None and scored == expected,
+         "targets scored by the final pass == validation tokens - 1")
+    val_reads = train_summary.get("val_files_read_by_training")
+    rule("val_not_trained_on", val_reads, 0, val_reads == 0,
+         "validation shards opened by the training loader and calibration (by path and sha256)")
+    return rules
+
+
+def main_from_env(defaults: Mapping[str, Any] | None = None, argv: list[str] | None = None) -> int:
+    """Entry point for the generated single-file submission: embedded defaults < env vars."""
+    from pgolf import runinfo
+
+    base = cfgmod.from_dict(defaults) if defaults else cfgmod.resolve(env={})
+    cfg = cfgmod.apply_overrides(base, cfgmod.env_overrides())
+    run_dir = Path(cfg.run.runs_dir) / runinfo.resolve_run_id(cfg)
+    pipeline(cfg, run_dir)
+    return 0
+
+
+def elapsed_since(start: float) -> float:
+    return time.perf_counter() - start

@@ -1,0 +1,116 @@
+"""Facts about a run that no stage owns: the environment fingerprint and atomic JSON writes.
+
+environment.json answers "what exactly ran this?": GPU model (and whether it is SXM), driver, CUDA,
+torch, triton, FlashAttention 3, NCCL, Python, CPU, git commit, image tag/digest, dataset id,
+shard count and the data manifest's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pgolf import __version__
+from pgolf.config import Config
+
+CHALLENGE_TRAIN_SECONDS = 600.0  # training, including GPTQ calibration on training data
+CHALLENGE_EVAL_SECONDS = 600.0  # evaluation, including loading and warm-up
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Atomic write (temp file + rename) so a sync never uploads half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _version(dist_name: str) -> str | None:
+    try:
+        return metadata.version(dist_name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip()
+
+
+def git_commit() -> str:
+    repo = Path(__file__).resolve().parents[2]
+    return _run(["git", "-C", str(repo), "rev-parse", "HEAD"]) if (repo / ".git").exists() else ""
+
+
+def gpu_facts() -> dict[str, Any]:
+    """GPU name/driver from nvidia-smi; SXM is told apart from PCIe/NVL by the board name."""
+    rows = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
+    names = [r.split(",")[0].strip() for r in rows.splitlines() if r.strip()]
+    driver = rows.splitlines()[0].split(",")[1].strip() if names else None
+    # On H100 boards: "H100 80GB HBM3" = SXM5, "H100 PCIe", "H100 NVL"; nvidia-smi has no form-factor field.
+    sxm = [("HBM3" in n and "PCIe" not in n and "NVL" not in n) or "SXM" in n for n in names]
+    return {"gpu_names": names, "gpu_count": len(names), "driver": driver,
+            "gpu_is_sxm": bool(names) and all(sxm)}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def data_facts(cfg: Config) -> dict[str, Any]:
+    data_dir = Path(cfg.data.data_path)
+    manifest = data_dir / "manifest.json"
+    return {
+        "dataset_id": cfg.data.dataset_id,
+        "data_path": str(data_dir),
+        "train_shards": len(list(data_dir.glob("fineweb_train_*.bin"))),
+        "val_shards": len([p for p in data_dir.glob("fineweb_val_*.bin") if "_bytes_" not in p.name]),
+        "data_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else None,
+    }
+
+
+def torch_facts(device: Any) -> dict[str, Any]:
+    import torch
+
+    facts: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
+                             "triton": _version("triton"), "device": str(device)}
+    facts["flash_attn_3"] = _version("flash_attn_3") or _version("flash-attn-3")
+    if torch.cuda.is_available():
+        facts["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        facts["cuda_device_name"] = torch.cuda.get_device_name(0)
+    return facts
+
+
+def collect_environment(cfg: Config, device: Any, world_size: int) -> dict[str, Any]:
+    from pgolf.model import attention_backend_in_use
+
+    return {
+        "pgolf": __version__,
+        "git_commit": git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "world_size": world_size,
+        "image": cfg.run.image or None,
+        "image_digest": cfg.run.image_digest or None,
+        "attention_backend": attention_backend_in_use(cfg.model, device),
+        **gpu_facts(),
+        **torch_facts(device),
+        **data_facts(cfg),
+    }

@@ -1,0 +1,6 @@
+"""The submission: the generated single-file `train_gpt.py` (`bundle`) and the records folder (`build`).
+
+`pgolf submission build RUN_ID ... --out records/track_10min_16mb/<date>_<slug>/` writes README.md,
+submission.json, the train logs, requirements.txt and train_gpt.py, refusing runs with mixed configs
+and a total (model + shipped code) over the 16,000,000-byte cap.
+"""

@@ -1,0 +1,13 @@
+"""Training stage: `train(cfg, run_dir, resume=False) -> TrainResult`, the same on every rank.
+
+    loop.py        setup, priming, the step loop, finish (the story)
+    schedule.py    LR multiplier (wallclock + iteration warmdown), batch layout
+    validate.py    periodic val loss / exact val_bpb on non-overlapping rows
+    state.py       EMA, exported weights, resumable checkpoint
+    runlog.py      train.log + metrics.jsonl, atomic writes
+"""
+
+from pgolf.dist import DistContext, distributed_context
+from pgolf.train.loop import TrainResult, train
+
+__all__ = ["DistContext", "TrainResult", "distributed_context", "train"]

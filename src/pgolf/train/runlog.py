@@ -1,0 +1,89 @@
+"""The run's two logs: `train.log` (upstream `key:value` lines) and `metrics.jsonl` (one JSON event
+per logged line, written from the same dict), plus atomic file writes. Only rank 0 writes.
+
+Both logs are append-only: each record is one `write()` of a whole line followed by a flush, so a
+reader (or the store sync) sees at worst a missing last line, never a torn one in the middle. Every
+other file of the run folder is written whole to a temp file and renamed into place.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("pgolf.train")
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Call write(fh) on a temp file beside `path`, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    import torch
+
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan"/"inf": JSON has no literal for them
+    return value
+
+
+class RunLog:
+    """Rank 0 writes; other ranks accept the same calls and drop them."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.log_path = run_dir / "train.log"
+        self.metrics_path = run_dir / "metrics.jsonl"
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+
+    def line(self, text: str) -> None:
+        """One human line in train.log (and on stderr through `logging`)."""
+        if not self.enabled:
+            return
+        with open(self.log_path, "a", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+        log.info(text)
+
+    def event(self, event: str, **fields: Any) -> None:
+        """One JSON object in metrics.jsonl: {"event": ..., **fields}."""
+        if not self.enabled:
+            return
+        record = {"event": event, **{k: _json_safe(v) for k, v in fields.items()}}
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=False) + "\n")
+
+    def record(self, event: str, text: str, **fields: Any) -> None:
+        """The human line and its twin JSON event, from the same numbers."""
+        self.line(text)
+        self.event(event, **fields)
+
+    def phase(self, phase: str, text: str | None = None, **fields: Any) -> None:
+        if text is not None:
+            self.line(text)
+        self.event("phase", phase=phase, **fields)
