@@ -12,6 +12,7 @@ import atexit
 import json
 import logging
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -34,6 +35,7 @@ def seaweed_server() -> LocalSeaweed:
         root = Path(tempfile.mkdtemp(prefix="pgolf-weed-"))
         server = LocalSeaweed(root, bucket=TEST_BUCKET)
         server.start(timeout_s=60)
+        atexit.register(shutil.rmtree, root, True)  # runs after stop (atexit is LIFO)
         atexit.register(server.stop)
         _servers["seaweed"] = server
     return _servers["seaweed"]  # type: ignore[return-value]

@@ -292,7 +292,8 @@ def _compiled_qat_roundtrip(backend: str):
     model = perturbed(replace(SMALL, num_layers=2))
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     idx = tokens()
-    with torch.no_grad():
+    # flipping the flag must not recompile: a recompile mid-run would eat the 600 s training budget
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         plain = compiled(idx)
         model.set_qat(True)
         quant = compiled(idx)

@@ -139,3 +139,19 @@ def test_cli_bare_checkpoint_needs_a_config(run_dir, capsys):
     rc = main(["quantize", str(run_dir / "checkpoint" / "model.pt"), "--out", str(run_dir / "y.pgz"),
                "--config", str(run_dir / "config.json"), "--json"])
     assert rc == 0 and json.loads(capsys.readouterr().out)["model_bytes"] == (run_dir / "y.pgz").stat().st_size
+
+
+def test_compare_methods_scores_every_variant(cfg, run_dir):
+    from pgolf.quantize import compare_methods, format_compare
+
+    rows = compare_methods(cfg, run_dir, max_val_tokens=2048, code_bytes=0)
+    assert [r["method"].split(" ")[0] for r in rows] == ["fp32", "int8", "int6", "configured"]
+    base, int8, int6, ours = rows
+    assert int8["compressor"] == "int8+zlib" and int8["bits"] == 8
+    assert ours["method"].endswith("gptq int6/emb8")
+    for r in rows[1:]:
+        assert r["model_bytes"] > 0 and r["gap_bpb"] == pytest.approx(r["val_bpb"] - base["val_bpb"])
+    assert int6["model_bytes"] < int8["model_bytes"]
+    assert 0 < base["val_bpb"] < 20 and abs(int8["gap_bpb"]) < abs(int6["gap_bpb"]) + 0.05
+    table = format_compare(rows)
+    assert "int8 rtn percentile + zlib (baseline)" in table and f"{base['val_bpb']:.4f}" in table

@@ -116,6 +116,36 @@ def read_phases_file(path: str | Path) -> dict[str, float]:
     return _check_phases(data)
 
 
+def cloud_from_cluster_info(cluster_info: str | None) -> str | None:
+    """The cloud name from SkyPilot's SKYPILOT_CLUSTER_INFO JSON (`{"cloud": "RunPod", ...}`)."""
+    if not cluster_info:
+        return None
+    try:
+        info = json.loads(cluster_info)
+    except json.JSONDecodeError:
+        return None
+    cloud = info.get("cloud") if isinstance(info, dict) else None
+    return str(cloud).lower() if cloud else None
+
+
+def run_cost(
+    measured: Mapping[str, float],
+    phases_file: str | Path | None = None,
+    cluster_info: str | None = None,
+    usd_per_hour: float | None = None,
+) -> dict:
+    """The estimate the pipeline records in summary.json (`cost_usd` = the result's `usd`).
+
+    `measured` holds what the run timed itself (train, eval, sync, ...); the node's setup and data
+    phases come from `phases_file` (PGOLF_PHASES_FILE, written by sky/node.sh); the cloud comes from
+    SKYPILOT_CLUSTER_INFO. A local run has neither and gets usd=None. Provisioning happens before
+    the node exists, so it is not in the estimate (the launcher's log shows it).
+    """
+    phases = {**(read_phases_file(phases_file) if phases_file else {}), **measured}
+    cloud = cloud_from_cluster_info(cluster_info) or "local"
+    return estimate_cost(phases, cloud, usd_per_hour)
+
+
 def format_usd(usd: float | None) -> str:
     """`$3.59` for tables (`pgolf results ls`), `?` when the price is unknown."""
     return "?" if usd is None else f"${usd:,.2f}"

@@ -282,8 +282,9 @@ def render_dry_run(plan: LaunchPlan, validation: str) -> str:
 def results_hint(plan: LaunchPlan) -> str:
     uri = plan.envs.get("RESULTS_URI") or str((plan.config.get("envs") or {}).get("RESULTS_URI") or "")
     run_id = plan.run_id or "<run_id from the log>"
-    return (f"results: make results RUN_ID={run_id}   "
-            f"(or: pgolf results pull {run_id} --from {uri or '$RESULTS_URI'})")
+    uri = uri or "$RESULTS_URI"
+    return (f"results: make results RUN_ID={run_id} RESULTS_URI={uri}   "
+            f"(or: pgolf results pull {run_id} --from {uri})")
 
 
 # ---------------------------------------------------------------------------------------------

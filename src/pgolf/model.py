@@ -56,6 +56,8 @@ class CastedLinear(nn.Linear):
     With `qat_bits` > 0 it carries a 0/1 buffer `qat_flag` (not saved in the state dict) that turns on
     straight-through fake quantization: w_eff = w + flag * (fake_quant(w) - w).detach(). The flag is a
     tensor read inside forward, so flipping it takes effect in a compiled graph too (spec §7.1 item 7).
+    Eager calls skip the fake-quant arithmetic while QAT is off, using a Python mirror of the flag
+    that is only ever read outside torch.compile.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -63,12 +65,13 @@ class CastedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.qat_bits = qat_bits
         self.zero_init = zero_init  # output projections start at zero (read by GPT._init_weights)
+        self.qat_on = False  # eager-only mirror of qat_flag; set both through GPT.set_qat
         if qat_bits:
             self.register_buffer("qat_flag", torch.zeros(()), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if self.qat_bits:
+        if self.qat_bits and (torch.compiler.is_compiling() or self.qat_on):  # this order: no guard on qat_on
             w = w + self.qat_flag.to(w.dtype) * (fake_quant_rows(w, self.qat_bits) - w).detach()
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w.to(x.dtype), bias)
@@ -326,6 +329,7 @@ class GPT(nn.Module):
         for module in self.blocks.modules():
             if isinstance(module, CastedLinear) and module.qat_bits:
                 module.qat_flag.fill_(1.0 if enabled else 0.0)
+                module.qat_on = bool(enabled)
 
     @property
     def qat_enabled(self) -> bool:

@@ -113,32 +113,36 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            dtype = self._dtype_for(params[0])
-            flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
-            offset = 0
-            for i, p in enumerate(params):
-                n = p.numel()
-                g = p.grad if p.grad is not None else torch.zeros_like(p)
+            grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).float() for p in params]
+            bufs = []
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-                buf = state["momentum_buffer"]
-                buf.mul_(mu).add_(g.float())
-                if i % self.world_size == self.rank or not distributed:
-                    u = g.float().add(buf, alpha=mu) if group["nesterov"] else buf
+                bufs.append(state["momentum_buffer"])
+            # every rank keeps every momentum buffer (cheap, elementwise): identical state everywhere
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
+            dtype = self._dtype_for(params[0])
+            flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+            offset = 0
+            for i, (p, g, buf) in enumerate(zip(params, grads, bufs)):
+                n = p.numel()
+                if not distributed or i % self.world_size == self.rank:
+                    u = g.add(buf, alpha=mu) if group["nesterov"] else buf
                     o = newton_schulz(u, self.coeffs, dtype)
                     o = o * math.sqrt(max(1.0, p.size(0) / p.size(1)))
                     flat[offset : offset + n] = o.reshape(-1)
                 offset += n
             if distributed:
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # non-owners contributed exact zeros
+            updates, offset = [], 0
             for p in params:
-                n = p.numel()
-                if wd:
-                    p.mul_(1.0 - lr * wd)
-                p.add_(flat[offset : offset + n].view_as(p).to(p.dtype), alpha=-lr)
-                offset += n
+                updates.append(flat[offset : offset + p.numel()].view_as(p).to(p.dtype))
+                offset += p.numel()
+            if wd:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_add_(params, updates, alpha=-lr)
 
 
 # ---------------------------------------------------------------------------------------------

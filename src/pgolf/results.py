@@ -195,7 +195,7 @@ def pull(uri: str | ObjectStore, dest: str | Path, run_ids: Iterable[str] = (), 
               leave=False) as bar:
         for run_id in ids:
             pull_run(store, run_id, dest, partial=partial, report=report, bar=bar)
-    log.info("pulled %d run(s) from %s into %s: %d file(s) downloaded (%.1f MB), %d already "
+    log.debug("pulled %d run(s) from %s into %s: %d file(s) downloaded (%.1f MB), %d already "
              "present", len(report.runs), store.uri, dest, report.downloaded,
              report.bytes_downloaded / 1e6, report.skipped)
     return report

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ def pipeline(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]
     """Run every stage; returns the summary dict (also written to summary.json on rank 0)."""
     from pgolf import dist, evaluate, quantize, train
 
-    rank, world_size, _, device = dist.distributed_context()
+    rank, world_size, _, device = dist.distributed_context(cfg.train.device)
     is_rank0 = rank == 0
     run_dir = Path(run_dir)
     if is_rank0:
@@ -162,14 +161,10 @@ def check_compliance(cfg: Config, run_dir: Path, summary: Mapping[str, Any]) -> 
 
 def main_from_env(defaults: Mapping[str, Any] | None = None, argv: list[str] | None = None) -> int:
     """Entry point for the generated single-file submission: embedded defaults < env vars."""
-    from pgolf import runinfo
+    from pgolf import dist
 
     base = cfgmod.from_dict(defaults) if defaults else cfgmod.resolve(env={})
     cfg = cfgmod.apply_overrides(base, cfgmod.env_overrides())
-    run_dir = Path(cfg.run.runs_dir) / runinfo.resolve_run_id(cfg)
-    pipeline(cfg, run_dir)
-    return 0
-
-
-def elapsed_since(start: float) -> float:
-    return time.perf_counter() - start
+    run_dir = Path(cfg.run.runs_dir) / dist.resolve_run_id(cfg)
+    summary = pipeline(cfg, run_dir)
+    return 0 if not summary or summary["compliant"] else 1

@@ -201,7 +201,9 @@ class LocalSeaweed:
         sock_dir = self.data_dir if len(str(self.data_dir)) < 80 else Path("/tmp")
         s3_sock = sock_dir / f"weed-s3-{ports['s3']}.sock"
         filer_sock = sock_dir / f"weed-filer-{ports['filer']}.sock"
-        args = [weed, "mini", f"-dir={self.data_dir}", f"-ip={self.host}",
+        # -logtostderr: glog would otherwise also write weed.* files into /tmp; stderr goes to
+        # our weed.log.
+        args = [weed, "-logtostderr", "mini", f"-dir={self.data_dir}", f"-ip={self.host}",
                 f"-ip.bind={self.host}", "-master.telemetry=false", "-admin.ui=false",
                 "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
                 "-volume.preStopSeconds=0", f"-s3.localSocket={s3_sock}",
@@ -285,8 +287,18 @@ class LocalSeaweed:
             self._signal_group(st.pid, signal.SIGKILL)
             self._wait_gone(st.pid, 5.0)
         self.state_file.unlink(missing_ok=True)
+        self._remove_tmp_sockets(st)
         log.info("stopped weed mini pid %d", st.pid)
         return True
+
+    @staticmethod
+    def _remove_tmp_sockets(st: SeaweedState) -> None:
+        """The admin and S3 gRPC sockets have no flag and outlive the server in /tmp; remove
+        ours (their names carry our ports)."""
+        for name in ("admin", "s3"):
+            sock = Path(f"/tmp/seaweedfs-{name}-grpc-{st.ports[name] + GRPC_OFFSET}.sock")
+            if sock.is_socket():
+                sock.unlink(missing_ok=True)
 
     def kill(self) -> None:
         """SIGKILL at once, keeping server.json so start() reuses the ports (fault tests)."""
@@ -294,6 +306,7 @@ class LocalSeaweed:
         if st is not None:
             self._signal_group(st.pid, signal.SIGKILL)
             self._wait_gone(st.pid, 5.0)
+            self._remove_tmp_sockets(st)
 
     @staticmethod
     def _signal_group(pid: int, sig: int) -> None:

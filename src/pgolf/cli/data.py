@@ -47,7 +47,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     docs = read_docs(args.text)
     result = build_dataset(docs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab,
                            val_docs=args.val_docs, shard_tokens=args.shard_tokens,
-                           info={"dataset": args.dataset or None} if args.dataset else None)
+                           info={"dataset": args.dataset} if args.dataset else None)
     print(f"built {result.out_dir}: val {result.val.docs:,} docs / {result.val.tokens:,} tokens, "
           f"train {result.train.docs:,} docs / {result.train.tokens:,} tokens in {len(result.train.shards)} shards; "
           f"tokenizer {result.tokenizer}")

@@ -1,9 +1,66 @@
-"""`pgolf evaluate` (placeholder until its issue lands)."""
+"""`pgolf evaluate PATH --mode rows|sliding|ttt`: score an artifact (or an unquantized checkpoint).
+
+PATH is a run folder (its artifact.pgz and config.json), an artifact file, or a *.pt checkpoint.
+Config: the run folder's config.json when there is one (unless --preset is given), then env vars,
+then flags. Under torchrun every rank runs the same command; rank 0 writes the files.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from pgolf.cli.common import add_config_flags
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    pass
+    p = sub.add_parser("evaluate", help="score the artifact: rows, sliding window or score-first TTT",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", nargs="?", type=Path, metavar="ARTIFACT",
+                   help="run folder, artifact file, or *.pt checkpoint")
+    p.add_argument("--mode", choices=("rows", "sliding", "ttt"), help="evaluation mode (default: EVAL_MODE)")
+    p.add_argument("--data", type=Path, help="folder of fineweb_val_*.bin shards (DATA_PATH)")
+    p.add_argument("--tokenizer", type=Path, help="SentencePiece model for byte counts (TOKENIZER_PATH)")
+    p.add_argument("--per-token-out", type=Path, metavar="FILE.npz",
+                   help="audit file: nll (float32, nats) and bytes (int32) of every target, in order")
+    p.add_argument("--checkpoint", type=Path, metavar="MODEL.pt",
+                   help="evaluate unquantized weights (torch state dict) instead of the artifact")
+    p.add_argument("--out", type=Path, metavar="DIR", help="where eval_summary.json goes (default: the run folder)")
+    p.add_argument("--summary-name", default="eval_summary.json", help="summary file name inside the run folder")
+    add_config_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pgolf import config as cfgmod
+    from pgolf.errors import ConfigError
+
+    path: Path | None = args.path
+    checkpoint: Path | None = args.checkpoint
+    artifact: Path | None = None
+    if path is None and checkpoint is None:
+        raise ConfigError("pgolf evaluate needs an ARTIFACT (run folder, artifact file or *.pt) or --checkpoint")
+    if path is not None and not path.is_dir():
+        if path.suffix in (".pt", ".pth") and checkpoint is None:
+            checkpoint = path
+        else:
+            artifact = path
+    run_dir = args.out or (path if path is not None and path.is_dir() else (path or checkpoint).parent)
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    explicit = {"eval_mode": args.mode, "data_path": args.data, "tokenizer_path": args.tokenizer}
+    overrides.update({k: str(v) for k, v in explicit.items() if v is not None})
+    saved = run_dir / "config.json"
+    if args.preset is None and saved.is_file():
+        cfg = cfgmod.apply_overrides(cfgmod.apply_overrides(cfgmod.load(saved), cfgmod.env_overrides()), overrides)
+    else:
+        cfg = cfgmod.resolve(args.preset, overrides)
+
+    from pgolf.evaluate import evaluate
+
+    result = evaluate(cfg, run_dir, artifact_path=artifact, mode=cfg.eval.eval_mode,
+                      per_token_out=args.per_token_out, checkpoint=checkpoint, summary_name=args.summary_name)
+    print(f"mode:{result.mode} val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} "
+          f"targets:{result.targets} eval_time:{result.eval_time_s:.1f}s ttt_steps:{result.ttt_steps} "
+          f"guard:{'fired' if result.guard_fired else 'no'}")
+    return 0

@@ -58,21 +58,22 @@ def compare_methods(cfg, run_dir: Path, max_val_tokens: int | None = None, code_
     """One row per method: bytes and val_bpb of the same checkpoint (fp32 first), gap to fp32."""
     from pgolf.model import build_model
     from pgolf.quantize.artifact import load_artifact
-    from pgolf.quantize.calibrate import calibrate, resolve_device
+    from pgolf.quantize.calibrate import calibrate_checkpoint, resolve_device
     from pgolf.quantize.quantizer import quantize_checkpoint
 
     run_dir = Path(run_dir)
     ckpt = run_dir / "checkpoint" / "model.pt"
-    hess = run_dir / "checkpoint" / "hessians.pt"
     device = resolve_device(cfg.train.device)
-    if cfg.quant.quant_method == "gptq" and not hess.exists():
-        calibrate(cfg, run_dir)
     model = build_model(cfg.model, device)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     base = rows_bpb(model, cfg, state, max_val_tokens)
     out = [{"method": "fp32 checkpoint (no quantization)", "bits": 32, "compressor": "-", "model_bytes": None,
             "total_bytes": None, "val_bpb": base, "gap_bpb": 0.0}]
     with tempfile.TemporaryDirectory(prefix="pgolf-compare-") as tmp:
+        # fresh Hessians for exactly this config's targets (the run's hessians.pt may predate
+        # a changed PASSTHROUGH_MAX_NUMEL); RTN variants use their diagonals to weight the clip search
+        hess = Path(tmp) / "hessians.pt"
+        calibrate_checkpoint(cfg, ckpt, hess)
         for name, over in METHODS.items():
             c = replace(cfg, quant=replace(cfg.quant, **over, size_cap_bytes=10**12))
             art = Path(tmp) / "artifact.pgz"

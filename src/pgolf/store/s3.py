@@ -57,6 +57,9 @@ class S3Store:
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
+        for name in ("botocore", "boto3", "s3transfer"):  # their INFO lines are noise in our CLI
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
         self.bucket, self.prefix, self.options = bucket, prefix, options
         self.uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         botocfg = Config(

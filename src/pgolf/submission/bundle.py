@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import base64
 import dataclasses
+import functools
 import hashlib
 import lzma
 import subprocess
@@ -386,6 +387,7 @@ def render_raw(modules: tuple[Module, ...], defaults: Mapping[str, Any], version
     return "".join(parts)
 
 
+@functools.lru_cache(maxsize=256)
 def minify_source(source: str, name: str = "<module>") -> str:
     """python-minifier with the safe settings: annotations on class attributes (dataclass fields)
     kept, docstrings dropped unless the module reads `__doc__`, asserts kept, globals kept."""
