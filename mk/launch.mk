@@ -19,9 +19,9 @@ SEEDS_CLUSTER ?= pgolf-$(or $(CLUSTER_USER),user)-s$(firstword $(SEEDS))
 DATA_CLUSTER ?= pgolf-$(or $(CLUSTER_USER),user)-data
 IDLE ?= 10
 IMAGE ?=
-# `make push` records the pushed digest here so later launches record IMAGE_DIGEST too.
-IMAGE_DIGEST_FILE := .cache/pgolf-image-digest
-IMAGE_DIGEST ?= $(shell cat $(IMAGE_DIGEST_FILE) 2>/dev/null)
+# `make push` records "<image> <digest>" lines here; a launch of the same IMAGE records the digest.
+IMAGE_DIGEST_FILE := .cache/pgolf-image-digests
+IMAGE_DIGEST ?= $(if $(IMAGE),$(shell awk -v i="$(IMAGE)" '$$1 == i {d = $$2} END {print d}' $(IMAGE_DIGEST_FILE) 2>/dev/null))
 LAUNCH_FLAGS ?=
 FA3_LOCK := docker/fa3.lock
 FA3_WHEEL_URL = $(shell sed -n 's/^FA3_WHEEL_URL=//p' $(FA3_LOCK))
@@ -30,31 +30,31 @@ IMAGE_FLAGS = $(if $(IMAGE),--image $(IMAGE)) $(if $(IMAGE_DIGEST),--image-diges
 
 .PHONY: launch launch-dry seeds status logs down stage-data image push fa3-pin image-digests lock lint-docker
 
-launch: ## launch one seed on 8 x H100 SXM (SEED=1337 IMAGE=... TASK=sky/record.yaml)
+launch: venv ## launch one seed on 8 x H100 SXM (SEED=1337 IMAGE=... TASK=sky/record.yaml)
 	@echo ">> launching $(TASK) with SEED=$(SEED) on cluster $(CLUSTER) (image: $(or $(IMAGE),the YAML's public image)); autostop+teardown after $(IDLE) idle min"
 	$(PGOLF) launch $(TASK) --seed $(SEED) --cluster $(CLUSTER) $(IMAGE_FLAGS) --idle-minutes $(IDLE) $(LAUNCH_FLAGS)
 
-launch-dry: ## print the resolved task and the equivalent sky command, offline
+launch-dry: venv ## print the resolved task and the equivalent sky command, offline
 	@echo ">> dry run of $(TASK) with SEED=$(SEED) on cluster $(CLUSTER): nothing is launched"
 	$(PGOLF) launch $(TASK) --seed $(SEED) --cluster $(CLUSTER) $(IMAGE_FLAGS) --idle-minutes $(IDLE) --dry-run $(LAUNCH_FLAGS)
 
-seeds: ## run SEEDS="1337 42 2025" one after another on one cluster (launch, then sky exec)
+seeds: venv ## run SEEDS="1337 42 2025" one after another on one cluster (launch, then sky exec)
 	@echo ">> running seeds $(SEEDS) of $(TASK) on cluster $(SEEDS_CLUSTER): the first launches it, the others reuse it"
 	$(PGOLF) launch $(TASK) --seeds $(SEEDS) --cluster $(SEEDS_CLUSTER) $(IMAGE_FLAGS) --idle-minutes $(IDLE) $(LAUNCH_FLAGS)
 
-status: ## list your SkyPilot clusters
+status: venv ## list your SkyPilot clusters
 	@echo ">> sky status (all your clusters; $(CLUSTER) is SEED=$(SEED)'s)"
 	$(SKY) status
 
-logs: ## stream the latest job's logs of CLUSTER
+logs: venv ## stream the latest job's logs of CLUSTER
 	@echo ">> streaming logs of cluster $(CLUSTER)"
 	$(SKY) logs $(CLUSTER)
 
-down: ## tear CLUSTER down now (works even when setup failed and --down did not fire)
+down: venv ## tear CLUSTER down now (works even when setup failed and --down did not fire)
 	@echo ">> tearing down cluster $(CLUSTER) (billing stops when this returns)"
 	$(SKY) down -y $(CLUSTER)
 
-stage-data: ## copy FineWeb shards + tokenizer from Hugging Face into DATA_URI (CPU machine)
+stage-data: venv ## copy FineWeb shards + tokenizer from Hugging Face into DATA_URI (CPU machine)
 	@test -n "$(DATA_URI)" || { echo "set DATA_URI=s3://your-bucket/data"; exit 2; }
 	@echo ">> staging FineWeb into $(DATA_URI) with sky/data.yaml on cluster $(DATA_CLUSTER) (CPU only)"
 	$(PGOLF) launch sky/data.yaml --cluster $(DATA_CLUSTER) --data-uri $(DATA_URI) --idle-minutes $(IDLE) $(LAUNCH_FLAGS)
@@ -72,10 +72,11 @@ push: ## push IMAGE and record its digest for later launches
 	@echo ">> pushing $(IMAGE) and recording its digest in $(IMAGE_DIGEST_FILE)"
 	$(DOCKER) push $(IMAGE)
 	@mkdir -p $(dir $(IMAGE_DIGEST_FILE))
-	$(DOCKER) inspect --format='{{index .RepoDigests 0}}' $(IMAGE) | sed 's/.*@//' > $(IMAGE_DIGEST_FILE)
-	@echo ">> pushed $(IMAGE) @ $$(cat $(IMAGE_DIGEST_FILE)); now: make launch IMAGE=$(IMAGE)"
+	digest=$$($(DOCKER) inspect --format='{{index .RepoDigests 0}}' $(IMAGE) | sed 's/.*@//'); \
+	  echo "$(IMAGE) $$digest" >> $(IMAGE_DIGEST_FILE); \
+	  echo ">> pushed $(IMAGE) @ $$digest; now: make launch IMAGE=$(IMAGE)"
 
-fa3-pin: ## download the FA3 wheel once and record its URL + sha256 in docker/fa3.lock
+fa3-pin: venv ## download the FA3 wheel once and record its URL + sha256 in docker/fa3.lock
 	@echo ">> resolving the FA3 wheel from the index in $(FA3_LOCK) and pinning its sha256 there"
 	$(VPY) docker/pin_fa3.py $(FA3_LOCK)
 
@@ -88,7 +89,7 @@ image-digests: ## re-resolve the Dockerfile's and YAMLs' base image tags and sho
 	  else echo "DRIFT  $$ref is now $$digest (update the pin after checking the image)"; fi; \
 	done
 
-lock: ## re-resolve docker/requirements.in into the hash-pinned docker/requirements.lock
+lock: venv ## re-resolve docker/requirements.in into the hash-pinned docker/requirements.lock
 	@echo ">> resolving docker/requirements.in for linux x86_64 / CPython 3.12 into docker/requirements.lock"
 	$(VPY) -m pip install --isolated --index-url https://pypi.org/simple --dry-run --ignore-installed \
 	  --only-binary=:all: --python-version 3.12 --implementation cp --target .cache/lock-target \
@@ -96,7 +97,7 @@ lock: ## re-resolve docker/requirements.in into the hash-pinned docker/requireme
 	  --report .cache/lock-report.json -r docker/requirements.in
 	$(VPY) docker/make_lock.py .cache/lock-report.json > docker/requirements.lock
 
-lint-docker: ## hadolint the Dockerfile, shellcheck the node scripts
+lint-docker: venv ## hadolint the Dockerfile, shellcheck the node scripts
 	@echo ">> hadolint docker/Dockerfile; shellcheck sky/node.sh docker/fetch-fa3.sh"
 	$(VENV)/bin/hadolint --config docker/.hadolint.yaml docker/Dockerfile
 	$(VENV)/bin/shellcheck sky/node.sh docker/fetch-fa3.sh

@@ -58,12 +58,12 @@ deps_present() {
 
 install_deps_from_lock() {
   # The lock's hashes are for CPython 3.12 wheels (our image); a public base image may run another
-  # Python, so this fallback installs the same versions by pin only. torch and its CUDA wheels are
-  # skipped: the base image brings them.
+  # Python, so this fallback installs the same versions by pin only. torch and its CUDA wheels
+  # come with the base image; setuptools stays the image's own (build-time only).
   local reqs
   reqs="$(mktemp)"
   grep -E '^[A-Za-z0-9_.-]+==' "$LOCK_FILE" | sed 's/ .*//' |
-    grep -v -E '^(torch|triton|nvidia-)' >"$reqs"
+    grep -v -E '^(torch|triton|nvidia-|setuptools)' >"$reqs"
   echo "node.sh: installing $(wc -l <"$reqs") pinned deps from $LOCK_FILE (no hashes: python $("$PY" -V))"
   "$PY" -m pip install --no-deps -q -r "$reqs"
   rm -f "$reqs"

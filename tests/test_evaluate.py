@@ -297,13 +297,14 @@ def test_two_gloo_ranks_match_one(skip2, mode_results, tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for mode, nll_tol, bpb_tol in (("sliding", 1e-5, 1e-6), ("ttt", 1e-3, 1e-4)):
+    # measured: sliding bit-identical; ttt max |dNLL| 2.4e-6 nats, |dbpb| 1e-8 (gradient reduction order)
+    for mode, nll_tol, bpb_tol in (("sliding", 1e-6, 1e-7), ("ttt", 1e-4, 1e-6)):
         one, one_nll = mode_results[mode]
         two = json.loads((run_dir / f"{mode}.json").read_text())
         two_nll = np.load(run_dir / f"{mode}.npz")["nll"]
         assert two["world_size"] == 2 and two["targets"] == one.targets and two["bytes"] == one.bytes
         assert two["ttt_steps"] == one.ttt_steps
-        assert np.abs(two_nll - one_nll).max() < nll_tol, mode
+        assert np.abs(two_nll - one_nll).max() <= nll_tol, mode
         assert abs(two["val_bpb"] - one.val_bpb) < bpb_tol, (mode, two["val_bpb"], one.val_bpb)
 
 
@@ -332,3 +333,16 @@ def test_cli_evaluates_a_run_folder_checkpoint(skip2, mode_results, tmp_path, ca
     assert np.load(out)["nll"].shape == (len(skip2.tokens) - 1,)
     assert main(["evaluate", str(run_dir), "--mode", "rows"]) == 2  # no artifact.pgz yet
     assert "artifact" in capsys.readouterr().err
+
+
+def test_artifact_is_read_from_disk_and_scored(skip2, mode_results, tmp_path):
+    """The default path: run_dir/artifact.pgz written by the quantizer, dequantized by load_artifact."""
+    from pgolf.quantize import quantize
+
+    run_dir = tmp_path / "runQ"
+    (run_dir / "checkpoint").mkdir(parents=True)
+    torch.save(skip2.sd, run_dir / "checkpoint" / "model.pt")
+    quantize(skip2.cfg, run_dir, check_cap=False)
+    result = evaluate(skip2.cfg, run_dir, mode="rows")
+    assert result.source == str(run_dir / "artifact.pgz") and result.parts["load"] > 0
+    assert result.val_bpb == pytest.approx(mode_results["rows"][0].val_bpb, abs=0.02)  # quantization gap only

@@ -283,3 +283,40 @@ def test_cli_and_launch_modules_do_not_import_skypilot_or_torch():
 def test_pgolf_cli_runs_as_a_module():
     proc = subprocess.run([sys.executable, "-m", "pgolf.cli", "launch", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--dry-run" in proc.stdout
+
+
+# --- mk/launch.mk ----------------------------------------------------------------------------------
+
+MK = REPO / "mk" / "launch.mk"
+
+
+def make_n(*args: str) -> str:
+    proc = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_every_make_target_prints_what_it_does():
+    targets = re.findall(r"(?m)^([a-z][a-z0-9-]*):.*##", MK.read_text())
+    assert {"launch", "seeds", "status", "logs", "down", "stage-data", "image", "push"} <= set(targets)
+    for target in targets:
+        body = MK.read_text().split(f"\n{target}:", 1)[1].split("\n\n", 1)[0]
+        recipe = [ln.strip() for ln in body.splitlines()[1:] if ln.startswith("\t")]
+        first_echo = next(i for i, ln in enumerate(recipe) if ln.startswith("@echo \">> "))
+        assert all(ln.startswith("@test") for ln in recipe[:first_echo]), target  # only guards before it
+
+
+def test_make_and_pgolf_name_clusters_the_same_way():
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+    out = make_n("launch", "SEED=7", "IMAGE=ghcr.io/acme/pgolf:v1")
+    assert (f"launch sky/record.yaml --seed 7 --cluster {lib.cluster_name(user, 7)} "
+            f"--image ghcr.io/acme/pgolf:v1") in out
+    assert f"sky down -y {lib.cluster_name(user, 7)}" in make_n("down", "SEED=7")
+    assert f"--seeds 5 6 --cluster {lib.cluster_name(user, 5)}" in make_n("seeds", "SEEDS=5 6")
+
+
+def test_make_refuses_image_and_staging_without_their_variables():
+    for target in ("image", "stage-data"):
+        proc = subprocess.run(["make", "--no-print-directory", "-o", "venv", "-o", ".venv/.installed", target,
+                               "IMAGE=", "DATA_URI="], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode != 0 and "set " in proc.stdout

@@ -155,3 +155,12 @@ def test_compare_methods_scores_every_variant(cfg, run_dir):
     assert 0 < base["val_bpb"] < 20 and abs(int8["gap_bpb"]) < abs(int6["gap_bpb"]) + 0.05
     table = format_compare(rows)
     assert "int8 rtn percentile + zlib (baseline)" in table and f"{base['val_bpb']:.4f}" in table
+
+
+def test_check_cap_false_returns_the_overage_instead(cfg, run_dir):
+    c = cfg.with_overrides(size_cap_bytes=20_000, quant_method="rtn")
+    res = quantize(c, run_dir, code_bytes=5_000, check_cap=False)
+    assert res.over_cap == res.total_bytes - 20_000 > 0
+    from dataclasses import asdict
+
+    assert "entries" not in asdict(res) and len(res.entries) == len(res.rows)

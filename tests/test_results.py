@@ -17,7 +17,7 @@ from pgolf.store import ChecksumMismatch, open_store
 from pgolf.store.file import FileStore
 from pgolf.sync import MANIFEST, RunSync
 from store_fixtures import (TEST_BUCKET, backend, backend_env, make_run_dir,  # noqa: F401
-                            s3_options, seaweed_server, unique_uri)
+                            s3_options, unique_uri)
 
 
 def same_tree(a: Path, b: Path) -> bool:

@@ -73,7 +73,7 @@ def test_required_envs_are_null_so_a_bare_launch_fails(path, sky):
     cfg = load(path)
     required = [k for k, v in (cfg.get("envs") or {}).items() if v is None]
     assert required, f"{path.name} should force the user to name a bucket"
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match=required[0]):
         sky.Task.from_yaml_config(dict(cfg), secrets_overrides=[(k, "x") for k in cfg.get("secrets") or {}])
 
 
@@ -387,3 +387,33 @@ def test_phases_accumulate_into_json(tmp_path):
 def test_node_sh_rejects_unknown_verbs(tmp_path):
     proc = node(["launch-rockets"], fake_gpus(tmp_path, []))
     assert proc.returncode != 0 and "usage" in proc.stderr
+
+
+@pytest.mark.parametrize("path", [p for p in YAMLS if "IMAGE" in (load(p).get("envs") or {})], ids=lambda p: p.name)
+def test_image_envs_describe_the_yaml_image(path):
+    """environment.json records IMAGE/IMAGE_DIGEST, so by default they must match image_id."""
+    cfg = load(path)
+    image = cfg["resources"]["image_id"].removeprefix("docker:")
+    assert cfg["envs"]["IMAGE"] == image
+    assert cfg["envs"]["IMAGE_DIGEST"] == image.split("@", 1)[1]
+
+
+def test_install_fallback_pins_everything_but_torch(tmp_path):
+    """The public-image path installs the lock's versions (minus torch/CUDA) with a fake pip."""
+    env = fake_gpus(tmp_path, [])
+    fake_py = tmp_path / "bin" / "python"
+    log = tmp_path / "pip.log"
+    # a python that has no deps, logs pip calls, and cannot import flash_attn / see a GPU
+    fake_py.write_text(f"#!/usr/bin/env bash\nif [[ \"$1\" == -m && \"$2\" == pip ]]; then "
+                       f"echo \"$*\" >> {log}; for a in \"$@\"; do [[ -f \"$a\" ]] && cat \"$a\" >> {log}; done; "
+                       f"exit 0; fi\nif [[ \"$1\" == -c && \"$2\" == *'import torch'* && \"$2\" != *numpy* ]]; "
+                       f"then exit 0; fi\nif [[ \"$1\" == -V ]]; then echo 'Python 3.11.9'; exit 0; fi\nexit 1\n")
+    fake_py.chmod(0o755)
+    env["PYTHON"] = str(fake_py)
+    proc = node(["install", "--cpu"], env)
+    assert proc.returncode != 0  # the final `import pgolf` check fails with this fake: fine
+    pinned = [ln for ln in log.read_text().splitlines() if "==" in ln and " " not in ln]
+    names = {ln.split("==")[0] for ln in pinned}
+    assert "numpy" in names and "sentencepiece" in names and "boto3" in names
+    assert not {n for n in names if n.startswith(("torch", "nvidia-", "triton", "setuptools"))}
+    assert "install -q --no-deps --no-build-isolation -e ." in log.read_text()

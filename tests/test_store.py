@@ -214,6 +214,9 @@ def test_wrong_credentials_one_clear_line() -> None:
         assert secret not in msg and good.secret_key not in msg
         with pytest.raises(StoreError, match="rejected the credentials"):
             list(st.list(""))
+        with pytest.raises(StoreError) as err:
+            st.head("x")  # HEAD answers a bare 403; the message still names the cause
+        assert str(err.value) == msg
 
 
 def test_store_down_fails_fast_with_one_line() -> None:

@@ -291,18 +291,19 @@ def test_per_run_fields_may_differ(tmp_path):
 
 
 def test_over_the_cap_fails_with_the_overage_named(tmp_path):
+    both = bundlemod.build_bundle(bundlemod.embedded_defaults(cfgmod.resolve("debug", env={})), commit=COMMIT)
+    raw, packed = both.nbytes("raw"), both.nbytes("compressed")
+    model = 16_000_000 - (raw + packed) // 2  # fits with the compressed stub, not with the raw file
     runs = tmp_path / "runs"
-    fake_run(runs, "a", 1, model_bytes=15_990_000)
-    fake_run(runs, "b", 2, model_bytes=15_000_000)
-    raw = bundlemod.build_bundle(bundlemod.embedded_defaults(cfgmod.resolve("debug", env={})), commit=COMMIT,
-                                 forms=("raw",)).nbytes("raw")
+    fake_run(runs, "a", 1, model_bytes=model)
+    fake_run(runs, "b", 2, model_bytes=model - 10_000)
     with pytest.raises(BudgetError) as err:
         do_build(runs, tmp_path / "rec", ids=["a", "b"], code_form="raw")
-    over = 15_990_000 + raw - 16_000_000
-    assert f"{over:,} over the 16,000,000 cap" in str(err.value) and "seed 1" in str(err.value)
+    assert f"seed 1: model {model:,} + code {raw:,} = {model + raw:,} B, " \
+           f"{model + raw - 16_000_000:,} over the 16,000,000 cap" == str(err.value)
     assert not (tmp_path / "rec").exists()
-    ok = do_build(runs, tmp_path / "rec2", ids=["a", "b"])  # the compressed stub fits
-    assert ok.bytes_total == 15_990_000 + ok.code_bytes <= 16_000_000
+    ok = do_build(runs, tmp_path / "rec2", ids=["a", "b"])
+    assert ok.code_bytes == packed and ok.bytes_total == model + packed <= 16_000_000
 
 
 def test_failed_compliance_is_refused_unless_allowed(tmp_path):

@@ -225,24 +225,35 @@ def test_exported_ema_is_the_hand_computed_average_of_live_weights(small_data, t
     assert changed > 10  # the live weights really moved between the steps
 
 
+def test_compile_priming_leaves_no_trace(small_data, tmp_path):
+    """WARMUP_STEPS real steps run, then weights, optimizer state and loader position are restored."""
+    common = dict(iterations=3, max_wallclock_seconds=0.0, train_log_every=1)
+    train(_cfg(small_data, warmup_steps=0, **common), tmp_path / "cold")
+    train(_cfg(small_data, warmup_steps=2, **common), tmp_path / "primed")
+    assert _losses(tmp_path / "primed") == _losses(tmp_path / "cold")
+    (priming,) = [e for e in _events(tmp_path / "primed", "phase") if e["phase"] == "priming"]
+    assert priming["steps"] == 2
+    assert "warmup_step:2/2" in (tmp_path / "primed" / "train.log").read_text()
+
+
 def test_resume_follows_the_uninterrupted_trajectory_bit_exactly(small_data, tmp_path):
-    common = dict(iterations=6, warmdown_iters=3, max_wallclock_seconds=0.0, train_log_every=1)
+    common = dict(iterations=4, warmdown_iters=2, max_wallclock_seconds=0.0, train_log_every=1)
     straight = tmp_path / "straight"
     train(_cfg(small_data, **common), straight)
 
     cut = tmp_path / "cut"
     cfg = _cfg(small_data, checkpoint_every_seconds=1e-6, **common)
-    partial = train(cfg, cut, interrupt_after_step=3)
+    partial = train(cfg, cut, interrupt_after_step=2)
     assert partial.stop_reason == "interrupted" and (cut / "checkpoint" / "state.pt").is_file()
     assert not (cut / "checkpoint" / "model.pt").exists()
     train(cfg, cut, resume=True)
 
-    assert [e["step"] for e in _events(cut, "train")] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in _events(cut, "train")] == [1, 2, 3, 4]
     assert _losses(cut) == _losses(straight)  # bit-exact on CPU
     a = torch.load(straight / "checkpoint" / "model.pt", weights_only=True)
     b = torch.load(cut / "checkpoint" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert any(e["phase"] == "resume" and e["step"] == 3 for e in _events(cut, "phase"))
+    assert any(e["phase"] == "resume" and e["step"] == 2 for e in _events(cut, "phase"))
 
 
 def test_resume_refuses_a_different_model(small_data, tmp_path):
@@ -313,9 +324,10 @@ def test_two_gloo_ranks_follow_the_single_process_accumulated_trajectory(small_d
 
     setup = [e for e in _events(double, "phase") if e["phase"] == "setup"][0]
     assert setup["world_size"] == 2 and setup["grad_accum_steps"] == 1
-    # same tokens, same math: gradients are (g_a + g_b) / 2 either way (halving is exact in fp32),
-    # Muon's shared buffer adds exact zeros; only the val sums' order differs between the layouts
-    np.testing.assert_allclose(_losses(double), _losses(single), rtol=0, atol=1e-6)
+    # same tokens and the same math: gradients are (g_a + g_b) / 2 either way (halving is exact in
+    # fp32), Muon's shared buffer adds exact zeros, so the trajectories are bit-identical on CPU;
+    # only the val sums are added in another order (float64), hence the tolerance there
+    assert _losses(double) == _losses(single)
     val_1 = _events(single, "val")[-1]["val_loss"]
     val_2 = _events(double, "val")[-1]["val_loss"]
-    assert val_2 == pytest.approx(val_1, abs=1e-5)
+    assert val_2 == pytest.approx(val_1, abs=1e-9)

@@ -19,6 +19,7 @@ import difflib
 import logging
 import re
 import shlex
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
@@ -398,6 +399,7 @@ def execute(plan: LaunchPlan) -> int:
     sky = import_sky()
 
     task = build_task(plan)
+    started = time.monotonic()
     try:
         if plan.mode == "jobs":
             job_ids, _ = sky.stream_and_get(sky.jobs.launch(task, name=plan.cluster))
@@ -408,7 +410,13 @@ def execute(plan: LaunchPlan) -> int:
         else:
             request = sky.launch(task, cluster_name=plan.cluster, retry_until_up=plan.retry_until_up,
                                  idle_minutes_to_autostop=plan.idle_minutes, down=plan.down)
-        job_id, _handle = sky.stream_and_get(request)
+        # (job_id, handle), or (job_id, handle, credentials) from servers that bundle them
+        job_id = sky.stream_and_get(request)[0]
+        # provisioning + file sync + setup, as the launching machine saw it (the node cannot)
+        log.info("%s of %s took %.0f s before the job started", plan.mode, plan.cluster,
+                 time.monotonic() - started)
+        if job_id is None:
+            raise LaunchError(f"SkyPilot submitted no job to {plan.cluster}; does {plan.yaml_path} have a run?")
         return int(sky.tail_logs(plan.cluster, job_id, follow=True))
     except PgolfError:
         raise

@@ -135,6 +135,7 @@ class RunSync:
         self._final: SyncReport | None = None
         self._prev_handlers: dict[int, Any] = {}
         self._failing_since: float | None = None
+        self._in_final = False
         self._last_warning = 0.0
 
     def key(self, rel: str) -> str:
@@ -158,6 +159,8 @@ class RunSync:
                         report.uploaded.append(rel)
                     else:
                         report.skipped += 1
+                except FileNotFoundError:
+                    continue  # removed between the scan and the read (a rotated checkpoint)
                 except StoreUnavailable as exc:
                     # Every other file would wait out the same timeout: end the round now.
                     report.failed[rel] = str(exc)
@@ -251,6 +254,7 @@ class RunSync:
         raises. Retries a failing store every retry_every_s until final_timeout_s."""
         if self._final is not None:
             return self._final
+        self._in_final = True
         self.stop(timeout_s=self.final_timeout_s)  # outside the lock: the thread may hold it
         with self._lock:
             if self._final is not None:
@@ -286,6 +290,8 @@ class RunSync:
                 report.manifest_written = True
         except (StoreError, OSError) as exc:
             report.failed[MANIFEST] = str(exc)
+        except Exception as exc:  # final() promises not to raise into the caller
+            report.failed[MANIFEST] = f"{type(exc).__name__}: {exc}"
         return report
 
     def _reconcile(self, report: SyncReport) -> None:
@@ -329,6 +335,9 @@ class RunSync:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        if self._in_final:  # a second signal while committing: let the commit finish
+            log.warning("%s received again during the final sync; still committing", name)
+            return
         log.warning("%s received: final sync of %s before exiting", name, self.run_id)
         self.final(status=f"interrupted ({name})")
         prev = self._prev_handlers.get(signum, signal.SIG_DFL)

@@ -75,11 +75,10 @@ def score_windows(model_fn: ModelFn, tokens: torch.Tensor, windows: Sequence[Win
                           batch_seqs if pad_rows else None)
         with autocast_for(device):
             nll = token_nll(model_fn, x, y, temperature)
-        skip = torch.tensor([w.score_from - w.start for w in batch], device=device)
-        keep = torch.tensor([w.score_to - w.start for w in batch], device=device)
-        col = torch.arange(seq_len, device=device)
-        mask = (col[None, :] >= skip[:, None]) & (col[None, :] < keep[:, None])
-        out.append(nll[: len(batch)][mask])  # row-major: window by window, position by position
+        # flat positions of the scored suffix of each window, row by row (an index, not a mask: no sync)
+        keep = np.concatenate([np.arange(r * seq_len + w.score_from - w.start, r * seq_len + w.score_to - w.start)
+                               for r, w in enumerate(batch)])
+        out.append(nll.flatten()[torch.from_numpy(keep).to(device, non_blocking=True)])
     if not out:
         return torch.zeros(0, dtype=torch.float32, device=device)
     return torch.cat(out)

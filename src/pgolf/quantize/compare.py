@@ -21,8 +21,7 @@ METHODS: dict[str, dict] = {
     "int8 rtn percentile + zlib (baseline)": dict(quant_method="rtn", matrix_bits=8, embed_bits=8,
                                                   row_clip="percentile", compressor="zlib", q_layout="int8",
                                                   prune_fraction=0.0, lowrank_rank=0, lowrank_tensors=0),
-    "int6 rtn clip-search, best compressor": dict(quant_method="rtn", matrix_bits=6, row_clip="search",
-                                                  compressor="auto"),
+    "int6 rtn clip-search (diag-H weighted)": dict(quant_method="rtn", matrix_bits=6, row_clip="search"),
     "configured (QUANT_* settings)": {},
 }
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -45,7 +45,8 @@ class QuantResult:
     report_path: Path
     size_cap_bytes: int
     seconds: float
-    entries: list[Entry] = field(default_factory=list, repr=False)
+    # `entries` (the stored tensors, for dequantize_in_memory) is set as a plain attribute, not a
+    # field, so that dataclasses.asdict(result) stays small
 
     @property
     def over_cap(self) -> int:
@@ -212,8 +213,10 @@ def quantize_checkpoint(
     hessians_path: Path | None = None,
     code_bytes: int | None = None,
     matrix_keys: set[str] | None = None,
+    check_cap: bool = True,
 ) -> QuantResult:
-    """Quantize one checkpoint file; write the artifact and the report, then enforce the cap."""
+    """Quantize one checkpoint file; write the artifact and the report, then enforce the cap
+    (BudgetError; with check_cap=False the caller checks `result.over_cap` itself)."""
     t0 = time.perf_counter()
     q = cfg.quant
     if not Path(checkpoint).is_file():
@@ -259,8 +262,9 @@ def quantize_checkpoint(
     for f in fallbacks:
         log.warning("quantize fallback: %s", f)
     result = QuantResult(model_bytes, code, total, info["compressor"], info["layout"], rows, Path(artifact_path),
-                         Path(report_path), q.size_cap_bytes, seconds, entries)
-    if total > q.size_cap_bytes:
+                         Path(report_path), q.size_cap_bytes, seconds)
+    result.entries = entries
+    if check_cap and total > q.size_cap_bytes:
         raise BudgetError(
             f"{Path(artifact_path).name} + code is {total:,} B ({model_bytes:,} model + {code:,} code), "
             f"{total - q.size_cap_bytes:,} over the {q.size_cap_bytes:,} B cap; "
@@ -269,8 +273,11 @@ def quantize_checkpoint(
     return result
 
 
-def quantize(cfg, run_dir: Path, code_bytes: int | None = None) -> QuantResult:
-    """run_dir/checkpoint/model.pt (+ hessians.pt) -> run_dir/artifact.pgz + run_dir/quant_report.json."""
+def quantize(cfg, run_dir: Path, code_bytes: int | None = None, check_cap: bool = True) -> QuantResult:
+    """run_dir/checkpoint/model.pt (+ hessians.pt) -> run_dir/artifact.pgz + run_dir/quant_report.json.
+
+    Over SIZE_CAP_BYTES: BudgetError after both files are written, unless check_cap=False (then the
+    pipeline records `result.over_cap` in compliance.json itself)."""
     run_dir = Path(run_dir)
     return quantize_checkpoint(
         cfg,
@@ -279,4 +286,5 @@ def quantize(cfg, run_dir: Path, code_bytes: int | None = None) -> QuantResult:
         run_dir / "quant_report.json",
         hessians_path=run_dir / "checkpoint" / "hessians.pt",
         code_bytes=code_bytes,
+        check_cap=check_cap,
     )

@@ -206,6 +206,11 @@ class S3Store:
                     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                     if status == 404:
                         return None
+                    if status == 403:
+                        # HEAD responses have no body, so no error code: ask a GET-style call,
+                        # which names the cause (InvalidAccessKeyId, SignatureDoesNotMatch, ...).
+                        self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._k(key),
+                                                    MaxKeys=1)
                     raise
         except ObjectNotFound:
             return None
