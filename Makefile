@@ -9,7 +9,7 @@ TORCH_CPU := torch==2.13.0
 .PHONY: help venv test test-fast
 
 help:
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
 
 $(VENV)/.installed: pyproject.toml
 	@echo ">> creating $(VENV) and installing pgolf with test extras (CPU torch)"

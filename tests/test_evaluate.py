@@ -266,6 +266,29 @@ def test_guard_stops_ttt_mid_run_and_finishes_inside_budget(skip2, tmp_path, mon
     assert capped.eval_time_s <= budget
 
 
+def test_compiled_path_pads_batches_and_warms_up_on_random_tokens(skip2, mode_results, tmp_path, monkeypatch):
+    """The CUDA path on CPU: a stand-in for torch.compile turns on static shapes and the warm-up."""
+    import pgolf.model
+
+    calls: list[tuple[tuple[int, ...], bool, torch.Tensor]] = []
+
+    def fake_compile(model, cfg, device):
+        def compiled(idx):
+            calls.append((tuple(idx.shape), torch.is_grad_enabled(), idx.detach().clone()))
+            return model(idx)
+        return compiled
+
+    monkeypatch.setattr(pgolf.model, "maybe_compile", fake_compile)
+    result, nll = run(skip2.cfg, tmp_path, skip2.sd, "ttt")
+    warm = calls[:4]  # 2 scoring forwards (no grad), 2 training forwards (grad) before any val token
+    assert [(shape, grad) for shape, grad, _ in warm] == [((16, 32), False)] * 2 + [((8, 32), True)] * 2
+    val_ids = set(SKIP2_IDS.tolist())
+    assert all(not set(x.unique().tolist()) <= val_ids for _, _, x in warm)  # random ids, not validation
+    assert {shape for shape, _, _ in calls} == {(16, 32), (8, 32)}  # one shape per graph: ragged batches padded
+    assert result.parts["warmup"] > 0 and result.ttt_steps == mode_results["ttt"][0].ttt_steps
+    np.testing.assert_allclose(nll, mode_results["ttt"][1], rtol=1e-4, atol=1e-5)  # padding changes nothing
+
+
 # --- distributed ----------------------------------------------------------------------------------
 
 TWO_RANK_SCRIPT = """

@@ -9,9 +9,9 @@ rotary, attention, MLP, block, the input path (BigramHash, SmearGate), then the 
 
 Every block: x_in = a⊙x + b⊙x0; x = x_in + α⊙Attn(norm(x_in)·s); x = x + β⊙MLP(norm(x)·s).
 
-Parameter names: matrices live in `CastedLinear` modules (c_q, c_k, c_v, proj, fc) and never contain a
-control word; every vector/control parameter's name contains one of norm|scale|gain|mix|skip|lambda|
-gate|smear, so optimizers and TTT can select by name.
+Parameter names: matrices live in `CastedLinear` modules (c_q, c_k, c_v, proj, fc, and the attention
+gate's W, the one matrix whose name says `gate`); every vector/control parameter's name contains one of
+norm|scale|gain|mix|skip|lambda|gate|smear, so optimizers and TTT can select by name.
 
 Calling convention under torch.compile / DDP: call the wrapper, `wrapped(idx)` for logits,
 `wrapped(idx, targets)` for the mean loss and `wrapped(idx, targets, reduction="none")` for the
@@ -51,7 +51,7 @@ def fake_quant_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """A bias-free linear whose fp32 weight is cast to the input dtype (bf16 under autocast).
+    """A linear (bias-free by default) whose fp32 weight is cast to the input dtype (bf16 under autocast).
 
     With `qat_bits` > 0 it carries a 0/1 buffer `qat_flag` (not saved in the state dict) that turns on
     straight-through fake quantization: w_eff = w + flag * (fake_quant(w) - w).detach(). The flag is a
@@ -333,7 +333,7 @@ class GPT(nn.Module):
 
     @property
     def qat_enabled(self) -> bool:
-        return bool(self.blocks[0].attn.c_q.qat_flag.item())
+        return self.blocks[0].attn.c_q.qat_on
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

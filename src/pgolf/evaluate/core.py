@@ -25,7 +25,7 @@ from pgolf import dist
 from pgolf.config import Config
 from pgolf.errors import ArtifactError, ConfigError
 from pgolf.evaluate.budget import BudgetGuard, Clock, EvalClock
-from pgolf.evaluate.score import Tally, score_windows
+from pgolf.evaluate.score import Tally, autocast_for, score_windows
 from pgolf.evaluate.ttt import Adapter, cosine_lr, select_trainable
 from pgolf.evaluate.windows import Chunk, Window, check_tiling, plan_chunks, plan_rows, plan_windows, shard
 
@@ -103,8 +103,6 @@ def _windows_for(mode: str, n_tokens: int, seq_len: int, stride: int) -> list[Wi
 def _warm_up(model_fn: Any, cfg: Config, device: torch.device, adapter: Adapter | None,
              grad_ctx: Callable[[], Any]) -> None:
     """Trace/compile on RANDOM tokens (never validation tokens: spec §7.1 item 6); weights untouched."""
-    from pgolf.evaluate.score import autocast_for
-
     g = torch.Generator().manual_seed(0)
     seq_len, vocab = cfg.eval_seq_len, cfg.model.vocab_size
     x = torch.randint(0, vocab, (cfg.eval.eval_batch_seqs, seq_len), generator=g).to(device)
@@ -112,11 +110,12 @@ def _warm_up(model_fn: Any, cfg: Config, device: torch.device, adapter: Adapter 
         with grad_ctx(), autocast_for(device):
             model_fn(x)
     if adapter is not None and adapter.rows_per_rank:
-        x = torch.randint(0, vocab, (adapter.rows_per_rank, seq_len + 1), generator=g).to(device)
+        x = torch.randint(0, vocab, (adapter.rows_per_rank, seq_len), generator=g).to(device)
+        y = torch.randint(0, vocab, (adapter.rows_per_rank, seq_len), generator=g).to(device)
         for _ in range(2):
             with autocast_for(device):
-                logits = model_fn(x[:, :-1])
-            torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+                logits = model_fn(x)
+            torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
         for p in adapter.params:
             p.grad = None
     if device.type == "cuda":

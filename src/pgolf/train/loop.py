@@ -332,7 +332,7 @@ class _Run:
             if state["ema"] is None:
                 raise TrainingError(f"{path} was saved with EMA off; resume with EMA_DECAY=0")
             self.ema.load_state_dict(state["ema"])
-        pass  # MUTATION
+        self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.step, self.training_time_ms = int(state["step"]), float(state["training_time_ms"])
         self.qat_step = state["qat_step"]
