@@ -289,6 +289,24 @@ def test_compiled_path_pads_batches_and_warms_up_on_random_tokens(skip2, mode_re
     np.testing.assert_allclose(nll, mode_results["ttt"][1], rtol=1e-4, atol=1e-5)  # padding changes nothing
 
 
+def test_ttt_trainable_set_is_fp32():
+    """Last blocks + control vectors + tied embedding train, in fp32 even where the model is bf16 (CUDA)."""
+    from pgolf.evaluate.ttt import select_trainable
+
+    model = build_model(cfgmod.resolve("tiny", {}, env={}).model, "cpu")
+    model.tok_emb.to(torch.bfloat16)  # what build_model does on CUDA
+    model.bigram.table.to(torch.bfloat16)
+    names = {n for n, _ in select_trainable(model, unfreeze_blocks=2)}
+    params = dict(model.named_parameters())
+    assert {n for n in params if n.startswith(("blocks.2.", "blocks.3."))} <= names
+    assert {"tok_emb.weight", "skip_weights", "smear.gate", "bigram.scale", "blocks.0.resid_mix",
+            "blocks.0.attn.q_gain", "blocks.1.attn.vr_lambda", "blocks.1.attn.gate.bias"} <= names
+    assert not names & {"blocks.0.attn.c_q.weight", "blocks.1.mlp.fc.weight", "blocks.0.attn.gate.weight",
+                        "bigram.table.weight", "bigram.proj.weight"}
+    assert all(params[n].dtype == torch.float32 and params[n].requires_grad for n in names)
+    assert params["bigram.table.weight"].dtype == torch.bfloat16 and not params["bigram.table.weight"].requires_grad
+
+
 # --- distributed ----------------------------------------------------------------------------------
 
 TWO_RANK_SCRIPT = """
@@ -354,6 +372,12 @@ def test_cli_evaluates_a_run_folder_checkpoint(skip2, mode_results, tmp_path, ca
     summary = json.loads((run_dir / "eval_summary.json").read_text())
     assert summary["mode"] == "rows" and summary["val_bpb"] == pytest.approx(mode_results["rows"][0].val_bpb, rel=1e-9)
     assert np.load(out)["nll"].shape == (len(skip2.tokens) - 1,)
+    # a checkpoint path alone: config.json is found one folder up, outputs go to --out
+    other = tmp_path / "elsewhere"
+    assert main(["evaluate", str(run_dir / "checkpoint" / "model.pt"), "--mode", "sliding", "--out", str(other),
+                 "--eval-stride", "16"]) == 0
+    summary = json.loads((other / "eval_summary.json").read_text())
+    assert summary["mode"] == "sliding" and summary["stride"] == 16 and summary["seq_len"] == 32
     assert main(["evaluate", str(run_dir), "--mode", "rows"]) == 2  # no artifact.pgz yet
     assert "artifact" in capsys.readouterr().err
 

@@ -298,6 +298,10 @@ def test_bad_shard_or_tokenizer_is_refused_before_the_first_step(small_data, tmp
         train(_cfg(bad, tokenizer_path=str(small_data / "tokenizer.model")), tmp_path / "r1")
     assert not _events(tmp_path / "r1", "train")
 
+    # VOCAB_SIZE may exceed the tokenizer (padding), but ids past the tokenizer mean another one made the data
+    with pytest.raises(DataError, match=r"token id 1500 but the tokenizer .* has only 1024 pieces"):
+        train(_cfg(bad, tokenizer_path=str(small_data / "tokenizer.model"), vocab_size=2048), tmp_path / "r3")
+
     with pytest.raises(DataError, match=r"has 1024 pieces but VOCAB_SIZE=512"):
         train(_cfg(small_data, vocab_size=512), tmp_path / "r2")
     assert not _events(tmp_path / "r2", "train")
@@ -331,3 +335,10 @@ def test_two_gloo_ranks_follow_the_single_process_accumulated_trajectory(small_d
     val_1 = _events(single, "val")[-1]["val_loss"]
     val_2 = _events(double, "val")[-1]["val_loss"]
     assert val_2 == pytest.approx(val_1, abs=1e-9)
+
+
+def test_cli_resume_needs_a_run_folder(capsys):
+    from pgolf.cli import main
+
+    assert main(["train", "--preset", "debug", "--resume"]) == 2
+    assert "--resume needs the run folder" in capsys.readouterr().err

@@ -48,7 +48,8 @@ def at_shape(stack: str, shape: str | None, steps: int | None = None) -> Config:
     the stack has EMA). A NTK RoPE reference length scales with the sequence length, so the seed's
     "always rescaled at 2048 with ref 1024" stays true at 256. `steps` sets ITERATIONS and rescales the
     warm-down, the Muon momentum warm-up and the EMA decay (1 - 1/(0.1 steps), docs tiny-scale.md).
-    So `at_shape("seed-plus", "tiny")` is the `tiny` preset under the name "seed-plus".
+    PASSTHROUGH_MAX_NUMEL scales with width² (see `_scaled_passthrough`). So `at_shape("seed-plus",
+    "tiny")` is the `tiny` preset under the name "seed-plus", except for that bound.
     """
     base = cfgmod.resolve(stack, env={})
     if shape is None or shape == stack:
@@ -75,7 +76,8 @@ def at_shape(stack: str, shape: str | None, steps: int | None = None) -> Config:
             data=size.data,
             model=replace(m, **model),
             train=replace(t, **train),
-            quant=replace(base.quant, **{f: getattr(size.quant, f) for f in SHAPE_QUANT}),
+            quant=replace(base.quant, **{f: getattr(size.quant, f) for f in SHAPE_QUANT},
+                          passthrough_max_numel=_scaled_passthrough(base, size)),
             eval=replace(base.eval, **{f: getattr(size.eval, f) for f in SHAPE_EVAL}),
         )
     if steps is not None and steps != cfg.train.iterations:
@@ -89,6 +91,14 @@ def at_shape(stack: str, shape: str | None, steps: int | None = None) -> Config:
             ema_decay=(1 - 1 / max(0.1 * steps, 2.0)) if cfg.train.ema_decay > 0 else 0.0,
         ))
     return cfg
+
+
+def _scaled_passthrough(stack: Config, size: Config) -> int:
+    """PASSTHROUGH_MAX_NUMEL scaled with width²: at full size (d=512) every block matrix is above the
+    65,536 bound and gets quantized; at d=128 the same bound would pass every matrix through as fp16
+    and leave GPTQ nothing to calibrate. Only shrinks (a wider shape keeps the stack's bound)."""
+    ratio = min(1.0, size.model.model_dim / stack.model.model_dim) ** 2
+    return max(1, round(stack.quant.passthrough_max_numel * ratio))
 
 
 def describe_shape(cfg: Config) -> str:
@@ -376,7 +386,8 @@ def interleaved(runners: dict[str, Callable[[], float]], rounds: int, warmup: in
 
 
 def fmt(value: Any, digits: int = 4) -> str:
-    """A table cell: floats to `digits` significant-ish places, big ints with separators, None as '-'."""
+    """A table cell: ints with separators; floats by size (1,234 / 123.4 / 12.34 / 1.2345 / 1.234e-05);
+    None as '-'."""
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -384,13 +395,18 @@ def fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
+        a = abs(value)
         if not math.isfinite(value):
             return str(value)
-        if value != 0 and (abs(value) >= 1e6 or abs(value) < 10 ** -(digits - 1)):
-            return f"{value:.{digits - 1}e}"
-        if abs(value) >= 1000:
+        if a >= 1000:
             return f"{value:,.0f}"
-        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if abs(value) >= 1 else f"{value:.{digits}f}"
+        if a >= 100:
+            return f"{value:.1f}"
+        if a >= 10:
+            return f"{value:.2f}"
+        if a >= 10 ** -(digits - 1) or a == 0:
+            return f"{value:.{digits}f}"
+        return f"{value:.{digits - 1}e}"
     return str(value)
 
 

@@ -382,5 +382,7 @@ def maybe_compile(model: nn.Module, cfg: ModelConfig, device: torch.device | str
     """torch.compile(model) on CUDA unless TORCH_COMPILE=off; on CPU only with TORCH_COMPILE=on."""
     on_cuda = torch.device(device).type == "cuda"
     if cfg.torch_compile == "on" or (cfg.torch_compile == "auto" and on_cuda):
+        if isinstance(model, GPT):
+            model.attention_backend(device)  # resolve outside the trace (imports, logging)
         return torch.compile(model, dynamic=False, fullgraph=on_cuda)
     return model

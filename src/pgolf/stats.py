@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal
 
 from pgolf.errors import PgolfError
 
@@ -268,12 +268,3 @@ def format_comparison(c: Comparison) -> str:
     lines += [f"note: {n}" for n in c.notes]
     return "\n".join(lines)
 
-
-def parse_values(texts: Sequence[str]) -> list[float]:
-    out = []
-    for text in texts:
-        try:
-            out.append(float(text))
-        except ValueError:
-            raise StatsError(f"{text!r} is not a number") from None
-    return out

@@ -1,8 +1,8 @@
 """`pgolf evaluate PATH --mode rows|sliding|ttt`: score an artifact (or an unquantized checkpoint).
 
 PATH is a run folder (its artifact.pgz and config.json), an artifact file, or a *.pt checkpoint.
-Config: the run folder's config.json when there is one (unless --preset is given), then env vars,
-then flags. Under torchrun every rank runs the same command; rank 0 writes the files.
+Config: the run folder's config.json (PATH, or the folder holding the weights, or its parent) unless
+--preset is given, then env vars, then flags. Outputs go to --out, else to that run folder. Under torchrun every rank runs the same command; rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -40,19 +40,25 @@ def run(args: argparse.Namespace) -> int:
     artifact: Path | None = None
     if path is None and checkpoint is None:
         raise ConfigError("pgolf evaluate needs an ARTIFACT (run folder, artifact file or *.pt) or --checkpoint")
-    if path is not None and not path.is_dir():
-        if path.suffix in (".pt", ".pth") and checkpoint is None:
-            checkpoint = path
-        else:
-            artifact = path
-    run_dir = args.out or (path if path is not None and path.is_dir() else (path or checkpoint).parent)
+    if path is not None and path.is_dir():
+        artifact = None if checkpoint else path / "artifact.pgz"
+    elif path is not None and path.suffix in (".pt", ".pth") and checkpoint is None:
+        checkpoint = path
+    elif path is not None:
+        artifact = path
+    # the run folder: PATH itself, or the folder holding the weights (or its parent, for checkpoint/model.pt)
+    weights = path if path is not None else checkpoint
+    assert weights is not None
+    near = [weights] if weights.is_dir() else [weights.parent, weights.parent.parent]
+    run_folder = next((d for d in near if (d / "config.json").is_file()), None)
+    run_dir = args.out or run_folder or near[0]
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     explicit = {"eval_mode": args.mode, "data_path": args.data, "tokenizer_path": args.tokenizer}
     overrides.update({k: str(v) for k, v in explicit.items() if v is not None})
-    saved = run_dir / "config.json"
-    if args.preset is None and saved.is_file():
-        cfg = cfgmod.apply_overrides(cfgmod.apply_overrides(cfgmod.load(saved), cfgmod.env_overrides()), overrides)
+    if args.preset is None and run_folder is not None:
+        saved = cfgmod.load(run_folder / "config.json")
+        cfg = cfgmod.apply_overrides(cfgmod.apply_overrides(saved, cfgmod.env_overrides()), overrides)
     else:
         cfg = cfgmod.resolve(args.preset, overrides)
 

@@ -38,6 +38,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="which train_gpt.py ships and is counted (default: compressed stub)")
     b.add_argument("--allow-noncompliant", action="store_true",
                    help="build even if a run failed a compliance rule (non-record folder; listed in README)")
+    b.add_argument("--allow-code-drift", action="store_true",
+                   help="build even if the runs recorded a different source digest than the code bundled now")
     b.set_defaults(func=_build)
 
     s = sub.add_parser(
@@ -69,7 +71,7 @@ def _build(args: argparse.Namespace) -> int:
 
     result = build(args.run_ids, out=args.out, name=args.name, github_id=args.github_id, author=args.author,
                    blurb=args.blurb, search=_search(args), code_form=args.code_form, date=args.date,
-                   allow_noncompliant=args.allow_noncompliant)
+                   allow_noncompliant=args.allow_noncompliant, allow_code_drift=args.allow_code_drift)
     sub = result.submission
     print(f"records folder: {result.out}")
     for name, size in sorted(result.files.items()):

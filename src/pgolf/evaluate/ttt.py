@@ -8,7 +8,8 @@ whether all of its targets are committed (`Tally.require_scored`), so training a
 raises instead of producing a number. The last chunk is never trained on (nothing is left to gain).
 
 Trainable: the last `ttt_unfreeze_blocks` blocks, every vector/control parameter (names containing
-norm|scale|gain|mix|skip|lambda|gate|smear), the tied embedding and an untied head; all else frozen.
+norm|scale|gain|mix|skip|lambda|gate|smear, except linear `.weight` matrices such as the attention
+gate's), the tied embedding and an untied head; all else frozen (earlier blocks' matrices, BigramHash).
 Trainable weights are kept in fp32 (spec §7.1 item 5: lr-1e-4 AdamW steps vanish in bf16).
 
 Distributed: `ttt_batch_seqs` is the GLOBAL number of sequences per optimizer step; each step's
@@ -41,8 +42,8 @@ def select_trainable(model: nn.Module, unfreeze_blocks: int) -> list[tuple[str, 
     for name, p in model.named_parameters():
         parts = name.split(".")
         in_last_blocks = parts[0] == "blocks" and int(parts[1]) >= first
-        train = (in_last_blocks or bool(CONTROL_PARAM.search(name)) or name == "tok_emb.weight"
-                 or name.startswith("lm_head."))
+        control = bool(CONTROL_PARAM.search(name)) and not name.endswith(".weight")  # not e.g. attn.gate.weight
+        train = in_last_blocks or control or name == "tok_emb.weight" or name.startswith("lm_head.")
         p.requires_grad_(train)
         if train:
             if p.dtype != torch.float32:

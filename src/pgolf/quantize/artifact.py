@@ -291,7 +291,7 @@ def choose(entries: list[Entry], compressor: str = "auto", layout: str = "auto")
         compress(n, b"")
     bodies = {lay: encode_body(entries, lay) for lay in layouts}
     jobs = [(lay, n) for lay in layouts for n in names]
-    with ThreadPoolExecutor(max_workers=min(4, len(jobs))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         results = list(pool.map(lambda j: compress(j[1], bodies[j[0]]), jobs))
     sizes = {f"{lay}+{n}": len(c) + HEADER_BYTES for (lay, n), c in zip(jobs, results)}
     best = min(range(len(jobs)), key=lambda i: (len(results[i]), i))  # ties: first in the fixed order

@@ -26,7 +26,7 @@ import pgolf
 from pgolf import config as cfgmod
 from pgolf.errors import BudgetError, PgolfError
 from pgolf.submission import bundle as bundlemod
-from pgolf.submission.runs import PER_RUN_FIELDS, RunRecord, load_runs, shared_config
+from pgolf.submission.runs import RunRecord, load_runs, shared_config
 
 TRACK_DIR = "records/track_10min_16mb"
 BYTE_RULE = "artifact_bytes"  # recomputed here with the shipped code; the run's own figure is not used
@@ -155,10 +155,22 @@ def check_compliance(runs: Sequence[RunRecord]) -> list[str]:
     return failed
 
 
+def check_code_identity(runs: Sequence[RunRecord], bundle: bundlemod.Bundle) -> list[str]:
+    """Runs whose recorded source digest (environment.json `source_sha256`) differs from the code
+    being bundled: their logs were not produced by this train_gpt.py."""
+    drift = []
+    for run in runs:
+        recorded = run.environment.get("source_sha256")
+        if recorded and recorded != bundle.source_sha256:
+            drift.append(f"{run.run_id}: ran sources {recorded[:12]}, bundling {bundle.source_sha256[:12]}")
+    return drift
+
+
 def submission_json(*, name: str, github_id: str, author: str | None, blurb: str, date: str,
                     runs: Sequence[RunRecord], seeds: list[dict[str, Any]], code_form: str,
                     code_bytes: int, code_raw: int, code_compressed: int | None,
-                    bundle: bundlemod.Bundle, commit: str, failed_rules: list[str]) -> dict[str, Any]:
+                    bundle: bundlemod.Bundle, commit: str, failed_rules: list[str],
+                    drift: list[str]) -> dict[str, Any]:
     bpb_mean, bpb_std = _mean_std([r["val_bpb"] for r in seeds])
     loss_mean, loss_std = _mean_std([r["val_loss"] for r in seeds])
     return {
@@ -179,6 +191,7 @@ def submission_json(*, name: str, github_id: str, author: str | None, blurb: str
         "bytes_code_form": code_form,
         "bytes_code_raw": code_raw,
         "bytes_code_compressed": code_compressed,
+        "code_minifier": f"python-minifier {bundlemod.minifier_version()}" if code_compressed else None,
         "bytes_model_max": max(r["model_bytes"] for r in seeds),
         "size_cap_bytes": cfgmod.SIZE_CAP_BYTES,
         "hardware": hardware(runs),
@@ -190,6 +203,8 @@ def submission_json(*, name: str, github_id: str, author: str | None, blurb: str
         "pgolf_commit": commit,
         "pgolf_source_sha256": bundle.source_sha256,
         "runs_git_commit": _one(_distinct(runs, "git_commit")),
+        "runs_source_sha256": _one(_distinct(runs, "source_sha256")),
+        "code_drift": drift,
         "compliance_failures": failed_rules,
     }
 
@@ -197,7 +212,8 @@ def submission_json(*, name: str, github_id: str, author: str | None, blurb: str
 def build(run_ids: Sequence[str], *, out: Path | None, name: str, github_id: str,
           author: str | None = None, blurb: str = "", search: Sequence[Path] = (Path("results"), Path("runs")),
           code_form: bundlemod.Form = "compressed", date: str | None = None,
-          allow_noncompliant: bool = False, commit: str | None = None) -> BuildResult:
+          allow_noncompliant: bool = False, allow_code_drift: bool = False,
+          commit: str | None = None) -> BuildResult:
     """Check the runs, generate train_gpt.py, write the records folder; see the module docstring."""
     if code_form not in bundlemod.FORMS:
         raise SubmissionError(f"--code-form {code_form!r}: choose one of {', '.join(bundlemod.FORMS)}")
@@ -215,6 +231,10 @@ def build(run_ids: Sequence[str], *, out: Path | None, name: str, github_id: str
     defaults = bundlemod.embedded_defaults(cfg)
     forms = ("raw", "compressed") if code_form == "compressed" or _minifier_available() else ("raw",)
     bundle = bundlemod.build_bundle(defaults, commit=commit, forms=forms)
+    drift = check_code_identity(runs, bundle)
+    if drift and not allow_code_drift:
+        raise SubmissionError(f"the package changed since the runs: {drift[0]}",
+                              hint="rebuild from the commit the runs used, or pass --allow-code-drift")
     code_text = bundle.text(code_form)
     code_bytes = len(code_text.encode("utf-8"))
     code_raw = bundle.nbytes("raw")
@@ -237,7 +257,8 @@ def build(run_ids: Sequence[str], *, out: Path | None, name: str, github_id: str
         files[f"train_seed{run.seed}.log"] = run.train_log.read_bytes()
     sub = submission_json(name=name, github_id=github_id, author=author, blurb=blurb, date=date, runs=runs,
                           seeds=seeds, code_form=code_form, code_bytes=code_bytes, code_raw=code_raw,
-                          code_compressed=code_compressed, bundle=bundle, commit=commit, failed_rules=failed)
+                          code_compressed=code_compressed, bundle=bundle, commit=commit, failed_rules=failed,
+                          drift=drift)
     files["submission.json"] = (json.dumps(sub, indent=2) + "\n").encode()
     from pgolf.submission.readme import render_readme
 

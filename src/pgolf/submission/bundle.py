@@ -388,6 +388,15 @@ def render_raw(modules: tuple[Module, ...], defaults: Mapping[str, Any], version
 
 
 @functools.lru_cache(maxsize=256)
+def minifier_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("python-minifier")
+    except Exception:  # not installed: only the raw form can be built
+        return None
+
+
 def minify_source(source: str, name: str = "<module>") -> str:
     """python-minifier with the safe settings: annotations on class attributes (dataclass fields)
     kept, docstrings dropped unless the module reads `__doc__`, asserts kept, globals kept."""
@@ -480,6 +489,6 @@ def requirements(third_party: Iterable[str], torch_version: str | None = None) -
         else:
             lines.append(dist)
     if "flash_attn_interface" in third_party:
-        lines.append("# FlashAttention 3 (Hopper) is a separate wheel, installed with --no-deps; "
-                     "see README.md (setup). Without it the attention falls back as logged in train.log.")
+        lines.append("# FlashAttention 3 (Hopper) is a separate wheel (flash_attn_3, installed with --no-deps); "
+                     "see README.md, Run it. ATTENTION_BACKEND=auto uses it when importable.")
     return "\n".join(lines) + "\n"

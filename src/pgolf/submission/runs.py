@@ -7,6 +7,7 @@ val_bpb. Everything else is read from the files the pipeline wrote, never recomp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -69,6 +70,24 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise RunError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
+CHECKED_FILES = ("config.json", "summary.json", "train.log", "artifact.pgz")
+
+
+def check_manifest(path: Path) -> None:
+    """Where manifest.json exists, the files a submission reads must still match it (sha256)."""
+    manifest = _read_json(path / "manifest.json")
+    entries = {e.get("path"): e for e in manifest.get("files", []) if isinstance(e, dict)}
+    for name in CHECKED_FILES:
+        entry, local = entries.get(name), path / name
+        if entry is None or not local.is_file():
+            continue
+        digest = hashlib.sha256(local.read_bytes()).hexdigest()
+        if digest != entry.get("sha256"):
+            raise RunError(f"{path.name}/{name} differs from manifest.json (sha256 {digest[:12]} vs "
+                           f"{str(entry.get('sha256'))[:12]}); the folder changed after the run",
+                           hint="pull the run again with `pgolf results pull`")
+
+
 def find_run(run_id: str, search: Sequence[Path]) -> Path:
     """The folder of `run_id`: a path to a run folder, or a name under one of `search`."""
     direct = Path(run_id)
@@ -85,6 +104,7 @@ def find_run(run_id: str, search: Sequence[Path]) -> Path:
 
 def load_run(run_id: str, search: Sequence[Path]) -> RunRecord:
     path = find_run(run_id, search)
+    check_manifest(path)
     config = _read_json(path / "config.json")
     summary = _read_json(path / "summary.json")
     if not config:

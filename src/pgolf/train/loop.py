@@ -32,7 +32,7 @@ import torch.distributed as torch_dist
 
 from pgolf import dist
 from pgolf.config import Config
-from pgolf.data.bpb import check_tokenizer_vocab
+from pgolf.data.bpb import check_tokenizer_vocab, load_sentencepiece
 from pgolf.data.loader import DistributedTokenLoader
 from pgolf.data.shards import read_shard, shard_paths
 from pgolf.errors import DataError, PgolfError, TrainingError
@@ -98,7 +98,7 @@ class _Run:
         self.accum = grad_accum_steps(self.t.train_batch_tokens, self.ctx.world_size,
                                       self.t.micro_batch_seqs, self.t.train_seq_len)
         self.cap_ms = train_cap_ms(self.t.max_wallclock_seconds, self.t.gptq_reserve_seconds)
-        if resume and self.ctx.is_main and not (run_dir / "checkpoint" / "state.pt").is_file():
+        if resume and not dist.agree((run_dir / "checkpoint" / "state.pt").is_file()):
             raise TrainingError(f"--resume: {run_dir}/checkpoint/state.pt does not exist; "
                                 "the first run needs CHECKPOINT_EVERY_SECONDS>0")
         if self.ctx.is_main:
@@ -159,20 +159,29 @@ class _Run:
                       f"ema_decay:{self.t.ema_decay} late_qat_threshold:{self.t.late_qat_threshold}")
 
     def check_inputs(self) -> int:
-        """Refuse a tokenizer or train shards that don't fit VOCAB_SIZE before the first step.
+        """Refuse a tokenizer or shards that don't fit VOCAB_SIZE before the first step.
 
-        Every train shard's max id is checked (split over ranks; ~0.1 s per 100M-token shard), and
-        the result is shared so that all ranks fail together. Returns how many val shards the
-        training loader would read (by resolved path or by size + sha256 of the first MiB): 0.
+        The tokenizer may not have more pieces than VOCAB_SIZE, and no shard may hold an id >=
+        VOCAB_SIZE or >= the tokenizer's piece count (that means another tokenizer made it, and its
+        bytes would be miscounted). Every train shard's max id is read, split over ranks (~0.1 s
+        per 100M-token shard); the verdict is shared so all ranks fail together. Returns how many
+        val shards the training loader would read (by resolved path or by size + sha256 of the
+        first MiB): 0.
         """
         data, vocab = self.cfg.data, self.cfg.model.vocab_size
         error: str | None = None
+        train_paths: list[Path] = []
+        val_paths: list[Path] = []
         try:
+            pieces = None
             if data.tokenizer_path and Path(data.tokenizer_path).exists():
                 check_tokenizer_vocab(data.tokenizer_path, vocab)
+                pieces = load_sentencepiece(data.tokenizer_path).vocab_size()
             train_paths = shard_paths(data.data_path, "train")
-            for path in train_paths[self.ctx.rank :: self.ctx.world_size]:
-                read_shard(path, vocab)
+            val_paths = shard_paths(data.data_path, "val")
+            mine = train_paths[self.ctx.rank :: self.ctx.world_size] + (val_paths if self.ctx.is_main else [])
+            for path in mine:
+                _check_ids(path, vocab, pieces, data.tokenizer_path)
         except PgolfError as exc:
             error = str(exc)
         errors = [error]
@@ -182,7 +191,6 @@ class _Run:
         first = next((e for e in errors if e), None)
         if first:
             raise DataError(first)
-        val_paths = shard_paths(data.data_path, "val")
         val_ids = {_fingerprint(p) for p in val_paths} | {p.resolve() for p in val_paths}
         return sum(1 for p in train_paths if p.resolve() in val_ids or _fingerprint(p) in val_ids)
 
@@ -415,6 +423,7 @@ class _Run:
                                                         t.muon_momentum, t.muon_momentum_warmup_steps),
                 grad_norm=norm_sum / self.ctx.world_size if grad_norm is not None else None,
                 qat=self.qat_step is not None, tokens_seen=self.step * t.train_batch_tokens,
+                tokens_per_s=self.step * t.train_batch_tokens / max(elapsed / 1000.0, 1e-9),
             )
         if not finite:
             self.log.event("error", step=self.step, train_loss=train_loss, reason="non-finite train loss")
@@ -455,6 +464,7 @@ class _Run:
         if self.ctx.is_main:
             summary = asdict(result)
             summary.update(ema_decay=t.ema_decay, late_qat_step=self.qat_step,
+                           tokens_per_s=result.tokens_seen / max(result.train_time_ms / 1000.0, 1e-9),
                            val_files_read_by_training=self.val_reads, train_batch_tokens=t.train_batch_tokens,
                            ema_worse_than_live=bool(self.ema and pre_ema and self.last_val[1] > pre_ema[1]))
             atomic_write_json(self.run_dir / "train_summary.json", summary)
@@ -500,6 +510,18 @@ def peak_memory_mib(device: torch.device) -> tuple[float, float]:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 0.0
+
+
+def _check_ids(path: Path, vocab: int, pieces: int | None, tokenizer: str) -> None:
+    """One max() over the shard against VOCAB_SIZE and the tokenizer's piece count."""
+    tokens = read_shard(path)
+    top = int(tokens.max()) if tokens.size else -1
+    if top >= vocab:
+        raise DataError(f"{path}: token id {top} >= VOCAB_SIZE={vocab}; the shards were made with a larger "
+                        "vocabulary: set VOCAB_SIZE/TOKENIZER_PATH to match or fetch the matching variant")
+    if pieces is not None and top >= pieces:
+        raise DataError(f"{path}: token id {top} but the tokenizer {tokenizer} has only {pieces} pieces; "
+                        "another tokenizer made these shards: point TOKENIZER_PATH at that one")
 
 
 def _fingerprint(path: Path) -> tuple[int, str]:
