@@ -151,7 +151,7 @@ def run_stack(cfg, run_dir: Path, sliding: bool) -> dict[str, Any]:
     return {
         "run_dir": str(run_dir),
         "shape": B.describe_shape(cfg),
-        "quant": f"{cfg.quant.quant_method} int{cfg.quant.matrix_bits}/emb{cfg.quant.embed_bits}",
+        "quant": f"{cfg.quant.quant_method} int{cfg.quant.matrix_bits}/emb{cfg.quant.embed_bits} {cfg.quant.row_clip}",
         "train": {"steps": tr.steps, "train_time_s": tr.train_time_ms / 1e3, "step_avg_ms": tr.step_avg_ms,
                   "tokens": tr.tokens_seen, "tokens_per_s": tr.tokens_seen / max(tr.train_time_ms / 1e3, 1e-9),
                   "val_bpb": tr.last_val_bpb, "pre_ema_val_bpb": tr.pre_ema_val_bpb,
@@ -301,8 +301,10 @@ def markdown(rep: dict[str, Any]) -> str:
     tp = rep.get("throughput")
     if tp:
         L += ["## 1. Training throughput (same shape, steps interleaved)", ""]
-        rows = [(n, s["params"], s["step_ms"], s["tokens_per_s"]) for n, s in tp["stacks"].items()]
-        L += [B.format_table(("stack", "params", "median step ms", "tokens/s"), rows, markdown=True), ""]
+        rows = [(n, s["params"], s.get("train_flops_per_token"), s["step_ms"], s["tokens_per_s"])
+                for n, s in tp["stacks"].items()]
+        L += [B.format_table(("stack", "params", "train FLOPs/token", "median step ms", "tokens/s"), rows,
+                             markdown=True), ""]
         if "ratio" in tp:
             L += [f"Ratio {tp['ratio']['of']}: **{tp['ratio']['value']:.3f}** (median of {tp['rounds']} whole "
                   "optimizer steps each, random tokens, fwd+bwd+optimizer).", ""]
@@ -310,7 +312,8 @@ def markdown(rep: dict[str, Any]) -> str:
     q = rep.get("quality", {})
     if q:
         L += ["## 2. Quality A/B at equal steps (offline corpus val, exact bpb)", ""]
-        rows = [(n, r["quant"], r["train"]["steps"], r["train"]["train_time_s"], r["bpb"]["prequant"],
+        rows = [(n, f"{r['quant']} {r.get('compressor', '')}", r["train"]["steps"], r["train"]["train_time_s"],
+                 r["bpb"]["prequant"],
                  r["bpb"]["postquant"], r["bpb"].get("sliding"), r["bpb"]["ttt"], r["model_bytes"])
                 for n, r in q.items()]
         L += [B.format_table(("stack", "quantizer", "steps", "train s", "pre-quant bpb", "post-quant bpb",
@@ -442,6 +445,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--offline-dir", type=Path, default=REPO / "data" / "offline", help="offline corpus folder")
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs", help="where to look for the latest demo run")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="only rewrite the markdown and PNG beside an existing report JSON")
     args = p.parse_args(argv)
     base = QUICK if args.quick else DEFAULTS
     for key, value in base.items():
@@ -472,8 +477,20 @@ def _load() -> str:
         return "n/a"
 
 
+def render(path: Path) -> None:
+    """Markdown + PNG from a report JSON (the JSON is the record; these are views of it)."""
+    rep = json.loads(path.read_text())
+    png = path.with_suffix(".png")
+    rep.setdefault("files", {})["png"] = str(png) if plot(rep, png) else None
+    B.write_text(path.with_suffix(".md"), markdown(rep))
+    log(f"wrote {path.with_suffix('.md')}" + (f", {png}" if rep["files"]["png"] else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        render(args.render)
+        return 0
     import torch
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

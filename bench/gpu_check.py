@@ -50,10 +50,10 @@ EXIT_DEADLINE = 3
 class Deadline:
     """Soft deadline for sections (`allows`) and a hard one enforced by a watchdog thread."""
 
-    def __init__(self, seconds: float, on_expire):
+    def __init__(self, seconds: float, on_expire, grace_s: float = 30.0):
         self.t0 = time.perf_counter()
         self.seconds = seconds
-        self._timer = threading.Timer(seconds + 30.0, on_expire) if seconds > 0 else None
+        self._timer = threading.Timer(seconds + grace_s, on_expire) if seconds > 0 else None
         if self._timer is not None:
             self._timer.daemon = True
             self._timer.start()
@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_CUDA
     device = torch.device(args.device)
     if device.type == "cuda":
+        if device.index is None:  # set_device and friends want an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -292,3 +292,15 @@ def test_gpu_check_dry_run_on_cpu(gpu_check, tmp_path, capsys):
         assert pj["train"]["steps_in_cap"] > 0 and pj["eval"]["ttt_total_s"] > pj["eval"]["sliding_total_s"] > 0
     printed = capsys.readouterr().out
     assert "ms/micro" in printed and '"kind": "pgolf gpu-check"' in printed
+
+
+def test_gpu_check_watchdog_fires_after_the_grace(gpu_check):
+    import threading
+
+    fired = threading.Event()
+    d = gpu_check.Deadline(0.05, fired.set, grace_s=0.0)
+    assert d.allows(0.0) and not d.allows(10.0)
+    assert fired.wait(5.0)
+    d2 = gpu_check.Deadline(0.05, fired.clear, grace_s=0.0)
+    d2.cancel()  # a finished run cancels the watchdog
+    assert gpu_check.Deadline(0, None).left() == math.inf

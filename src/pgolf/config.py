@@ -359,7 +359,8 @@ def _tiny() -> Config:
             val_batch_size=16_384,
             train_log_every=25,
         ),
-        quant=replace(base.quant, calib_batches=4),
+        # the tiny block matrices are 16K-49K entries: quantize them (GPTQ) instead of passing fp16
+        quant=replace(base.quant, calib_batches=4, passthrough_max_numel=4096),
         eval=replace(base.eval, ttt_chunk_tokens=16_384, ttt_batch_seqs=16, eval_batch_seqs=16),
     )
 
@@ -376,7 +377,7 @@ def _debug() -> Config:
                       micro_batch_seqs=32, gptq_reserve_seconds=1.0, warmup_steps=1,
                       warmdown_iters=5, muon_momentum_warmup_steps=5, ema_decay=0.5,
                       val_loss_every=0, val_batch_size=4096, train_log_every=5),
-        quant=replace(base.quant, calib_batches=2),
+        quant=replace(base.quant, calib_batches=2, passthrough_max_numel=1024),
         eval=replace(base.eval, eval_stride=16, ttt_chunk_tokens=2048, ttt_batch_seqs=8,
                      eval_batch_seqs=8, ttt_epochs=1),
     )

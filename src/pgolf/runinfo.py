@@ -114,3 +114,25 @@ def collect_environment(cfg: Config, device: Any, world_size: int) -> dict[str, 
         **torch_facts(device),
         **data_facts(cfg),
     }
+
+
+def val_shards_in_training(data_path: str) -> int:
+    """How many validation shards the training stream could read: val files that are also train
+    files by name or by content (sha256, from the data manifest when it lists the file, else hashed).
+
+    Training and calibration read only `fineweb_train_*` through `shard_paths(..., "train")`, so a
+    non-zero count means the dataset itself leaks validation text into training (spec §7.1 item 9).
+    """
+    from pgolf.data.manifest import read_manifest, sha256_file
+    from pgolf.data.shards import shard_paths
+
+    data_dir = Path(data_path)
+    listed = {e["file"]: e.get("sha256") for e in (read_manifest(data_dir) or {"files": []})["files"]}
+
+    def digest(path: Path) -> str:
+        return listed.get(path.name) or sha256_file(path)
+
+    train, val = shard_paths(data_dir, "train"), shard_paths(data_dir, "val")
+    train_digests = {digest(p) for p in train}
+    train_names = {p.resolve() for p in train}
+    return sum(1 for p in val if p.resolve() in train_names or digest(p) in train_digests)

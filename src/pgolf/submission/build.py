@@ -224,7 +224,8 @@ def build(run_ids: Sequence[str], *, out: Path | None, name: str, github_id: str
     cfg = shared_config(runs)
     failed = check_compliance(runs)
     if failed and not allow_noncompliant:
-        raise SubmissionError(f"compliance failed: {failed[0]}" + (f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""),
+        more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise SubmissionError(f"compliance failed: {failed[0]}{more}",
                               hint="fix the runs, or pass --allow-noncompliant for a non-record folder")
 
     commit = bundlemod.git_commit() if commit is None else commit

@@ -92,7 +92,8 @@ def render_readme(sub: Mapping[str, Any], cfg: cfgmod.Config, defaults: Mapping[
             "done",
             "```", "",
             "FlashAttention 3 (Hopper) is not on PyPI: install the `flash_attn_3` wheel built for the "
-            f"PyTorch/CUDA above with `pip install --no-deps` (the runs used {_fmt(sub['flash_attn_version'])}).",
+            "PyTorch/CUDA listed under Environment with `pip install --no-deps` (the runs used "
+            f"{_fmt(sub['flash_attn_version'])}).",
             "",
             f"`DATA_PATH={cfg.data.data_path}`, `TOKENIZER_PATH={cfg.data.tokenizer_path}`. Every config "
             "field is an environment variable (its upper-case name); the embedded defaults are exactly the "

@@ -1,0 +1,98 @@
+"""The pipeline end to end on CPU: train -> calibrate -> quantize -> evaluate -> summary, synced."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pgolf import config as C
+from pgolf.cli import main
+from pgolf.data.shards import read_shard, write_shard
+from pgolf.run import check_compliance
+
+SUMMARY_FIELDS = {
+    "steps", "step_avg_ms", "peak_memory_mib", "prequant_val_bpb", "prequant_val_loss", "postquant_val_bpb",
+    "postquant_val_loss", "val_bpb", "val_loss", "train_time_s", "calib_time_s", "eval_time_s", "model_bytes",
+    "code_bytes", "total_bytes", "phases_s", "cost_usd",
+}
+RULES = {"train_time", "eval_time", "artifact_bytes", "ttt_score_first", "every_target_scored_once",
+         "val_not_trained_on"}
+
+
+@pytest.fixture(scope="module")
+def small_data(offline_data: Path, tmp_path_factory) -> Path:
+    """The offline corpus cut down (40K train, 6K val tokens) so the whole pipeline takes seconds."""
+    out = tmp_path_factory.mktemp("small_data")
+    train = np.asarray(read_shard(offline_data / "fineweb_train_000000.bin"))[:40_000]
+    val = np.asarray(read_shard(offline_data / "fineweb_val_000000.bin"))[:6_000]
+    write_shard(out / "fineweb_train_000000.bin", train)
+    write_shard(out / "fineweb_val_000000.bin", val)
+    (out / "tokenizer.model").write_bytes((offline_data / "tokenizer.model").read_bytes())
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_data: Path, tmp_path_factory) -> tuple[Path, str, int]:
+    root = tmp_path_factory.mktemp("runs")
+    store_uri = f"file://{root / 'store'}"
+    run_dir = root / "runs" / "debug-e2e"
+    code = main(["run", "--preset", "debug", "--out", str(run_dir), "--data", str(small_data),
+                 "--tokenizer-path", str(small_data / "tokenizer.model"), "--results-uri", store_uri,
+                 "--run-id", "debug-e2e", "--iterations", "6", "--sync-every-seconds", "0"])
+    return run_dir, store_uri, code
+
+
+def test_run_writes_the_whole_run_folder(finished_run):
+    run_dir, _, code = finished_run
+    assert code == 0
+    for name in ("config.json", "environment.json", "train.log", "metrics.jsonl", "train_summary.json",
+                 "checkpoint/model.pt", "artifact.pgz", "quant_report.json", "eval_summary.json",
+                 "eval_per_token.npz", "summary.json", "compliance.json", "manifest.json"):
+        assert (run_dir / name).exists(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_FIELDS <= summary.keys()
+    assert summary["model_bytes"] == (run_dir / "artifact.pgz").stat().st_size
+    assert summary["total_bytes"] == summary["model_bytes"] + summary["code_bytes"]
+    audit = np.load(run_dir / "eval_per_token.npz")
+    assert len(audit["nll"]) == 6_000 - 1 == summary["targets"]
+    recomputed = float(audit["nll"].astype(np.float64).sum() / (np.log(2) * audit["bytes"].sum()))
+    assert recomputed == pytest.approx(summary["val_bpb"], rel=1e-6)
+    phases = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {e["phase"] for e in phases if e.get("event") == "phase"} >= {"train", "calibrate", "quantize", "eval"}
+
+
+def test_compliance_facts_are_measured(finished_run):
+    run_dir, _, _ = finished_run
+    rules = json.loads((run_dir / "compliance.json").read_text())
+    assert set(rules) == RULES
+    for name, rule in rules.items():
+        assert set(rule) == {"ok", "value", "limit", "how"}, name
+        assert rule["ok"] is True, (name, rule)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert rules["artifact_bytes"]["value"] == summary["total_bytes"]
+    assert rules["train_time"]["value"] == summary["train_plus_calib_s"]
+
+
+def test_compliance_flags_an_oversized_artifact_and_slow_training(tmp_path):
+    cfg = C.resolve("debug", env={})
+    summary = {"train_plus_calib_s": 612.5, "eval_time_s": 10.0, "total_bytes": 16_000_001}
+    rules = check_compliance(cfg, tmp_path, summary)
+    assert rules["artifact_bytes"] == {"ok": False, "value": 16_000_001, "limit": 16_000_000,
+                                       "how": rules["artifact_bytes"]["how"]}
+    assert rules["train_time"]["ok"] is False and rules["eval_time"]["ok"] is True
+    # nothing measured -> not compliant (a missing fact never passes)
+    assert rules["ttt_score_first"]["ok"] is False and rules["val_not_trained_on"]["ok"] is False
+
+
+def test_pull_reproduces_the_run_folder_byte_for_byte(finished_run, tmp_path):
+    run_dir, store_uri, _ = finished_run
+    assert main(["results", "pull", "debug-e2e", "--from", store_uri, "--to", str(tmp_path),
+                 "--no-progress"]) == 0
+    pulled = tmp_path / "debug-e2e"
+    local = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    remote = {p.relative_to(pulled): p.read_bytes() for p in pulled.rglob("*") if p.is_file()}
+    assert local.keys() == remote.keys()
+    assert all(local[k] == remote[k] for k in local)
