@@ -90,8 +90,10 @@ def stack_config(stack: str, args: argparse.Namespace, data: Path, offline_dir: 
         tok = offline_dir / tok.name
     seq = cfg.eval_seq_len
     chunk = max(seq, round(cfg.eval.ttt_chunk_tokens * val_fraction / seq) * seq)
+    # no wallclock cap: every stack runs exactly `steps` steps, however busy the machine is
     return cfg.with_overrides(data_path=str(data), tokenizer_path=str(tok), val_loss_every=0, device="cpu",
-                              train_log_every=max(1, args.steps // 10), ttt_chunk_tokens=chunk)
+                              max_wallclock_seconds=0, train_log_every=max(1, args.steps // 10),
+                              ttt_chunk_tokens=chunk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,33 +221,40 @@ def latest_demo_run(runs_dir: Path) -> Path | None:
 
 
 def demo_phases_from_run(run: Path) -> dict[str, Any]:
-    """Phase seconds of a pipeline run folder, from its own records (no re-run)."""
+    """Phase seconds of a pipeline run folder, from its own records (no re-run).
+
+    `summary.json` `phases_s` (the pipeline's wall seconds per phase: train, calibrate, quantize,
+    eval_postquant, eval) when present; otherwise they are pieced together from metrics.jsonl events and
+    quant_report.json. Inside `train`: compile priming, the train clock and validation, as `train_detail_s`.
+    """
     summary = json.loads((run / "summary.json").read_text())
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    phases: dict[str, float] = {}
+    detail: dict[str, float] = {}
     for ev in events:
         if ev.get("event") == "phase" and ev.get("phase") == "priming":
-            phases["priming"] = float(ev.get("seconds", 0.0))
-    phases["train"] = float(summary.get("train_time_s") or 0.0)
-    phases["validation_during_train"] = sum(float(ev.get("eval_time_ms", 0.0)) / 1e3 for ev in events
-                                            if ev.get("event") == "val")
-    phases["calibrate"] = float(summary.get("calib_time_s") or 0.0)
-    names = {"eval_prequant.json": "eval_prequant", "eval_postquant.json": "eval_postquant",
-             "eval_summary.json": "eval_final"}
-    for ev in events:
-        if ev.get("event") == "eval" and ev.get("summary") in names:
-            phases[names[ev["summary"]]] = float(ev.get("eval_time_s", 0.0))
-    report = run / "quant_report.json"
-    if report.is_file():
-        phases["quantize"] = float(json.loads(report.read_text()).get("seconds", 0.0))
+            detail["priming"] = float(ev.get("seconds", 0.0))
+    detail["train_clock"] = float(summary.get("train_time_s") or 0.0)
+    detail["validation"] = sum(float(ev.get("eval_time_ms", 0.0)) / 1e3 for ev in events if ev.get("event") == "val")
+    if isinstance(summary.get("phases_s"), dict) and summary["phases_s"]:
+        phases = {k: float(v) for k, v in summary["phases_s"].items()}
+    else:
+        phases = {"train": sum(detail.values()), "calibrate": float(summary.get("calib_time_s") or 0.0)}
+        names = {"eval_prequant.json": "eval_prequant", "eval_postquant.json": "eval_postquant",
+                 "eval_summary.json": "eval"}
+        for ev in events:
+            if ev.get("event") == "eval" and ev.get("summary") in names:
+                phases[names[ev["summary"]]] = float(ev.get("eval_time_s", 0.0))
+        report = run / "quant_report.json"
+        if report.is_file():
+            phases["quantize"] = float(json.loads(report.read_text()).get("seconds", 0.0))
     out: dict[str, Any] = {"source": f"run folder {run}", "run_id": run.name, "phases_s": phases,
-                           "steps": summary.get("steps"), "val_bpb": summary.get("val_bpb")}
+                           "train_detail_s": detail, "steps": summary.get("steps"), "val_bpb": summary.get("val_bpb")}
     start = run / "environment.json"
     end = next((run / n for n in ("manifest.json", "summary.json") if (run / n).is_file()), None)
     if start.is_file() and end is not None:
         wall = end.stat().st_mtime - start.stat().st_mtime
         out["wall_s"] = wall
-        out["other_s"] = wall - sum(phases.values())  # setup, model builds, data loading, writes, sync
+        out["other_s"] = max(wall - sum(phases.values()), 0.0)  # setup, builds, summary, final sync
     return out
 
 
@@ -306,8 +315,14 @@ def markdown(rep: dict[str, Any]) -> str:
         L += [B.format_table(("stack", "params", "train FLOPs/token", "median step ms", "tokens/s"), rows,
                              markdown=True), ""]
         if "ratio" in tp:
-            L += [f"Ratio {tp['ratio']['of']}: **{tp['ratio']['value']:.3f}** (median of {tp['rounds']} whole "
-                  "optimizer steps each, random tokens, fwd+bwd+optimizer).", ""]
+            L += [f"Ratio {tp['ratio']['of']}: **{tp['ratio']['value']:.3f}** (medians of {tp['rounds']} whole "
+                  "optimizer steps each: fwd+bwd+optimizer on random tokens, the two stacks alternating)."]
+            alls = [tp["stacks"][n].get("step_ms_all") for n in tp["stacks"]]
+            if len(alls) == 2 and all(alls):
+                # the fastest step of each is the one least disturbed by other jobs on a shared machine
+                L += [f"Ratio of the fastest steps: {min(alls[0]) / min(alls[1]):.3f} (step ms: "
+                      f"{', '.join(f'{n} {v}' for n, v in zip(tp['stacks'], alls))})."]
+            L += [""]
 
     q = rep.get("quality", {})
     if q:
@@ -327,6 +342,10 @@ def markdown(rep: dict[str, Any]) -> str:
               "the stack's own artifact (`baseline`: int8 RTN + zlib; seeds: int6 GPTQ + best compressor), rows. "
               "TTT: score-first TTT on that artifact with the same TTT settings for all three (the `baseline` "
               "preset itself scores rows only).", ""]
+        steps = {r["train"]["steps"] for r in q.values()}
+        if len(steps) > 1:
+            L += [f"**Warning: the stacks ran different step counts ({sorted(steps)}); this is not an equal-steps "
+                  "comparison.**", ""]
         L += [f"- {line}" for line in rep.get("verdict", [])] + [""]
 
     qz = rep.get("quantizer")
@@ -356,6 +375,8 @@ def markdown(rep: dict[str, Any]) -> str:
             rows.append(("other (setup, builds, writes, sync)", dm["other_s"],
                          f"{100 * dm['other_s'] / total:.0f}%" if total else "-"))
         L += [B.format_table(("phase", "seconds", "share"), rows, markdown=True), ""]
+        if dm.get("train_detail_s"):
+            L += ["Inside `train`: " + ", ".join(f"{k} {v:.1f} s" for k, v in dm["train_detail_s"].items()) + ".", ""]
         L += [f"Total: {total:.1f} s (corpus build and store start-up are outside the run folder and not counted).", ""]
 
     L += ["## Bench time by piece", ""]
@@ -477,9 +498,14 @@ def _load() -> str:
         return "n/a"
 
 
-def render(path: Path) -> None:
-    """Markdown + PNG from a report JSON (the JSON is the record; these are views of it)."""
+def render(path: Path, runs_dir: Path | None = None) -> None:
+    """Markdown + PNG from a report JSON (the JSON is the record; these are views of it). With runs_dir,
+    the demo section is first re-read from the newest finished demo run there, if there is one."""
     rep = json.loads(path.read_text())
+    run = latest_demo_run(runs_dir) if runs_dir is not None else None
+    if run is not None:
+        rep["demo"] = demo_phases_from_run(run)
+        B.write_json(path, rep)
     png = path.with_suffix(".png")
     rep.setdefault("files", {})["png"] = str(png) if plot(rep, png) else None
     B.write_text(path.with_suffix(".md"), markdown(rep))
@@ -489,7 +515,7 @@ def render(path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render is not None:
-        render(args.render)
+        render(args.render, args.runs_dir)
         return 0
     import torch
 

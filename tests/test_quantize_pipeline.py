@@ -145,10 +145,10 @@ def test_compare_methods_scores_every_variant(cfg, run_dir):
     from pgolf.quantize import compare_methods, format_compare
 
     rows = compare_methods(cfg, run_dir, max_val_tokens=2048, code_bytes=0)
-    assert [r["method"].split(" ")[0] for r in rows] == ["fp32", "int8", "int6", "configured"]
+    assert [r["method"].split(" ")[0] for r in rows] == ["fp32", "int8", "rtn", "configured"]
     base, int8, int6, ours = rows
     assert int8["compressor"] == "int8+zlib" and int8["bits"] == 8
-    assert ours["method"].endswith("gptq int6/emb8")
+    assert ours["method"].endswith("gptq int6/emb8") and int6["method"].endswith("rtn int6/emb8")
     for r in rows[1:]:
         assert r["model_bytes"] > 0 and r["gap_bpb"] == pytest.approx(r["val_bpb"] - base["val_bpb"])
     assert int6["model_bytes"] < int8["model_bytes"]

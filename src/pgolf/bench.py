@@ -49,7 +49,7 @@ def at_shape(stack: str, shape: str | None, steps: int | None = None) -> Config:
     "always rescaled at 2048 with ref 1024" stays true at 256. `steps` sets ITERATIONS and rescales the
     warm-down, the Muon momentum warm-up and the EMA decay (1 - 1/(0.1 steps), docs tiny-scale.md).
     PASSTHROUGH_MAX_NUMEL scales with width² (see `_scaled_passthrough`). So `at_shape("seed-plus",
-    "tiny")` is the `tiny` preset under the name "seed-plus", except for that bound.
+    "tiny")` is the `tiny` preset under the name "seed-plus" (a test checks it).
     """
     base = cfgmod.resolve(stack, env={})
     if shape is None or shape == stack:

@@ -21,7 +21,7 @@ METHODS: dict[str, dict] = {
     "int8 rtn percentile + zlib (baseline)": dict(quant_method="rtn", matrix_bits=8, embed_bits=8,
                                                   row_clip="percentile", compressor="zlib", q_layout="int8",
                                                   prune_fraction=0.0, lowrank_rank=0, lowrank_tensors=0),
-    "int6 rtn clip-search (diag-H weighted)": dict(quant_method="rtn", matrix_bits=6, row_clip="search"),
+    "rtn clip-search (diag-H weighted), configured bits": dict(quant_method="rtn", row_clip="search"),
     "configured (QUANT_* settings)": {},
 }
 
@@ -79,7 +79,7 @@ def compare_methods(cfg, run_dir: Path, max_val_tokens: int | None = None, code_
             res = quantize_checkpoint(c, ckpt, art, Path(tmp) / "quant_report.json",
                                       hessians_path=hess, code_bytes=code_bytes)
             bpb = rows_bpb(model, cfg, load_artifact(art), max_val_tokens)
-            label = name if over else f"{name}: {c.quant.quant_method} int{c.quant.matrix_bits}/emb{c.quant.embed_bits}"
+            label = f"{name}: {c.quant.quant_method} int{c.quant.matrix_bits}/emb{c.quant.embed_bits}"
             out.append({"method": label, "bits": c.quant.matrix_bits, "compressor": f"{res.layout}+{res.compressor}",
                         "model_bytes": res.model_bytes, "total_bytes": res.total_bytes, "val_bpb": bpb,
                         "gap_bpb": bpb - base, "over_cap": res.total_bytes > cfg.quant.size_cap_bytes})

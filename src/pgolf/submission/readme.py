@@ -175,8 +175,8 @@ def render_readme(sub: Mapping[str, Any], cfg: cfgmod.Config, defaults: Mapping[
             "then calls `pgolf.run.main_from_env(DEFAULTS)`. Do not edit it: fix the package and regenerate.", ""]
     if sub["bytes_code_form"] == "compressed":
         out += ["Print the program inside the compressed stub:", "", "```bash",
-                "python3 -c \"import lzma,base64,re;s=open('train_gpt.py').read();print(lzma.decompress("
-                "base64.b85decode(re.search(\\\"b85decode[(]'(.*)'[)]\\\",s)[1])).decode())\"",
+                "python3 -c \"import lzma,base64;exec(open('train_gpt.py').read().split('\\nexec(')[0]);"
+                "print(lzma.decompress(base64.b85decode(B)).decode())\"",
                 "```", ""]
     out += ["<details><summary>Embedded config (DEFAULTS)</summary>", "", "```json",
             json.dumps(defaults, indent=2, sort_keys=True), "```", "", "</details>", ""]

@@ -412,7 +412,8 @@ class _Run:
                 self.stop_reason = "wallclock_cap"
         finite = math.isfinite(train_loss)
         due_log = t.train_log_every > 0 and (
-            self.step <= 10 or self.step % t.train_log_every == 0 or self.stop_reason is not None)
+            self.step <= 10 or self.step % t.train_log_every == 0 or self.step == t.iterations
+            or self.stop_reason is not None)
         if due_log or not finite:
             self.log.record(
                 "train",
