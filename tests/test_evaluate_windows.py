@@ -187,6 +187,11 @@ def test_guard_projection_by_hand():
     assert guard.allow_adapt(20.0, 500, 30, chunk=1, n_chunks=9)  # 92 s <= 100 s
     assert not guard.allow_adapt(30.0, 500, 30, chunk=2, n_chunks=9)  # 102 s > 100 s
     assert guard.fired and "chunk 3/9" in guard.reason and "EVAL_MAX_SECONDS=100" in guard.reason
+    assert "scoring alone" not in guard.reason  # 30 + 1.25 * 50 + 2 = 94.5 s still fits
+    hopeless = BudgetGuard(max_seconds=10.0)
+    hopeless.record_score(10.0, 100)
+    assert not hopeless.allow_adapt(5.0, 100, 1, chunk=0, n_chunks=2)
+    assert "scoring alone projects 18.5s" in hopeless.reason  # 5 + 1.25 * 10 + 1
     assert not guard.allow_adapt(0.0, 0, 0, chunk=3, n_chunks=9)  # sticky: TTT never resumes
 
 

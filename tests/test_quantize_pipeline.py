@@ -164,3 +164,11 @@ def test_check_cap_false_returns_the_overage_instead(cfg, run_dir):
     from dataclasses import asdict
 
     assert "entries" not in asdict(res) and len(res.entries) == len(res.rows)
+
+
+def test_calibrate_with_nothing_to_calibrate_is_not_an_error(cfg, run_dir):
+    c = cfg.with_overrides(passthrough_max_numel=65_536)  # every debug linear is fp16 passthrough
+    res = calibrate(c, run_dir)
+    assert res.n_hessians == 0 and res.tokens == 0
+    assert torch.load(res.path, weights_only=True)["hessians"] == {}
+    assert json.loads(quantize(c, run_dir).report_path.read_text())["fallbacks"] == []

@@ -466,9 +466,6 @@ def test_bundled_file_alone_reproduces_the_package_run(e2e):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="quantize.report.source_code_bytes() sums src/pgolf/**/*.py, an empty virtual folder "
-                          "inside the single file (0 B); it should use pgolf.__bundle__['code_bytes']")
 def test_bundled_run_counts_its_own_file_as_code_bytes(e2e):
     got = json.loads((e2e["bundle_dir"] / "summary.json").read_text())
     assert got["code_bytes"] == (e2e["alone"] / "train_gpt.py").stat().st_size

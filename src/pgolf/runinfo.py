@@ -47,9 +47,35 @@ def _run(cmd: list[str]) -> str:
     return out.stdout.strip()
 
 
-def git_commit() -> str:
-    repo = Path(__file__).resolve().parents[2]
-    return _run(["git", "-C", str(repo), "rev-parse", "HEAD"]) if (repo / ".git").exists() else ""
+def bundle_info() -> dict[str, Any]:
+    """`pgolf.__bundle__` when running from a generated single-file submission, else {}."""
+    import pgolf
+
+    return dict(getattr(pgolf, "__bundle__", None) or {})
+
+
+def git_commit(root: Path | None = None) -> str:
+    """HEAD of the checkout holding the package, "-dirty" if src/pgolf has local changes; the
+    commit the single file was generated from when running from one; "" outside git."""
+    if bundle_info():
+        return bundle_info().get("commit", "")
+    root = root or Path(__file__).resolve().parent
+    head = _run(["git", "-C", str(root), "rev-parse", "HEAD"])
+    if not head:
+        return ""
+    dirty = _run(["git", "-C", str(root), "status", "--porcelain", "--", "."])
+    return head + ("-dirty" if dirty else "")
+
+
+def source_sha256() -> str | None:
+    """Identity of the code that ran: the bundle's digest, or the same digest of the package."""
+    if bundle_info():
+        return bundle_info().get("source_sha256")
+    try:
+        from pgolf.submission.bundle import collect_modules, source_digest
+    except ImportError:
+        return None
+    return source_digest(collect_modules())
 
 
 def gpu_facts() -> dict[str, Any]:
@@ -103,6 +129,8 @@ def collect_environment(cfg: Config, device: Any, world_size: int) -> dict[str, 
     return {
         "pgolf": __version__,
         "git_commit": git_commit(),
+        "source_sha256": source_sha256(),
+        "code_form": bundle_info().get("form", "package"),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu": cpu_model(),

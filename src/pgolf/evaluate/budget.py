@@ -93,9 +93,12 @@ class BudgetGuard:
             return True
         self.last_projection = self.projection(elapsed, windows_left, seq_epochs_next)
         if self.last_projection > self.max_seconds:
+            score_only = self.projection(elapsed, windows_left, 0)
+            overrun = (f"; scoring alone projects {score_only:.1f}s, so the budget will be exceeded"
+                       if score_only > self.max_seconds else "")
             self.fire(
                 f"projected {self.last_projection:.1f}s > EVAL_MAX_SECONDS={self.max_seconds:g} at chunk "
-                f"{chunk + 1}/{n_chunks} (elapsed {elapsed:.1f}s); TTT stopped, scoring continues"
+                f"{chunk + 1}/{n_chunks} (elapsed {elapsed:.1f}s); TTT stopped, scoring continues{overrun}"
             )
         return not self.fired
 

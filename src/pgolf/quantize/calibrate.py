@@ -101,6 +101,8 @@ class HessianHooks:
     def finish(self) -> dict[str, torch.Tensor]:
         dist = _dist()
         keys = sorted(self.h)
+        if not keys:
+            return {}
         if dist is not None:
             counts = torch.tensor([self.rows[k] for k in keys], dtype=torch.float64, device=self.h[keys[0]].device)
             dist.all_reduce(counts)
@@ -198,10 +200,13 @@ def calibrate_checkpoint(cfg, checkpoint: Path, hessians_path: Path, model: nn.M
 
     q = cfg.quant
     targets = target_linears(model, q.passthrough_max_numel)
-    if not targets:
-        raise ArtifactError(f"no nn.Linear has more than PASSTHROUGH_MAX_NUMEL={q.passthrough_max_numel} weights; nothing to calibrate")
+    if not targets:  # every linear is passed through as fp16 (tiny shapes): nothing to calibrate
+        log.info("calibration: no nn.Linear has more than PASSTHROUGH_MAX_NUMEL=%d weights; no Hessians",
+                 q.passthrough_max_numel)
 
-    if q.calib_source == "self":
+    if not targets:
+        batches = []
+    elif q.calib_source == "self":
         bos = bos_id(cfg)
         seqs = cfg.train.micro_batch_seqs
         # generated in full BEFORE the hooks are attached, so sampling forwards add nothing to H

@@ -35,7 +35,11 @@ class TensorRow:
 
 
 def source_code_bytes() -> int:
-    """Raw bytes of the package's runtime sources (src/pgolf/**/*.py)."""
+    """The shipped file's size when running from a generated train_gpt.py; else the raw bytes of
+    the package's runtime sources (src/pgolf/**/*.py), an upper bound of the shipped code."""
+    bundle = getattr(pgolf, "__bundle__", None)
+    if bundle:
+        return int(bundle["code_bytes"])
     root = Path(pgolf.__file__).resolve().parent
     return sum(p.stat().st_size for p in sorted(root.rglob("*.py")) if "__pycache__" not in p.parts)
 

@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import hashlib
 import lzma
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
 
 import pgolf
 from pgolf.errors import PgolfError
+from pgolf.runinfo import git_commit
 
 if TYPE_CHECKING:
     from pgolf.config import Config
@@ -228,19 +228,6 @@ def source_digest(modules: Iterable[Module]) -> str:
         h.update(f"{m.name}\0{int(m.is_package)}\0{len(m.source.encode())}\0".encode())
         h.update(m.source.encode())
     return h.hexdigest()
-
-
-def git_commit(root: Path | None = None) -> str:
-    """HEAD of the checkout holding the package, "+dirty" if src/pgolf has changes; "" outside git."""
-    root = root or package_root()
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=20, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "."],
-                               capture_output=True, text=True, timeout=20, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return head + ("-dirty" if dirty else "")
 
 
 # ---------------------------------------------------------------------------------------------
