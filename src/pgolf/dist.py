@@ -48,6 +48,10 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(preference)
+    if device.type == "cpu":
+        # Zero-initialised projections produce subnormal floats, which x86 CPUs process ~10x slower
+        # (measured: tiny preset 14.4 -> 1.6 s/step). GPUs run them at full speed; no result here depends on values below 1e-38.
+        torch.set_flush_denormal(True)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"DEVICE={preference} but CUDA is not available; set DEVICE=cpu or auto")
