@@ -47,10 +47,11 @@ def test_seed_plus_at_tiny_shape_is_the_tiny_preset():
 
 
 def test_each_stack_keeps_its_switches_at_the_shape():
+    tiny = config.resolve("tiny", env={})
     base, seed = B.at_shape("baseline", "tiny"), B.at_shape("seed", "tiny")
     for cfg in (base, seed):  # same size for all
         assert (cfg.model.num_layers, cfg.model.model_dim, cfg.train.train_seq_len, cfg.train.train_batch_tokens,
-                cfg.train.iterations) == (4, 128, 256, 8192, 300)
+                cfg.train.iterations) == (4, 128, 256, 8192, tiny.train.iterations)
     assert (base.model.mlp_activation, base.model.mlp_mult, base.model.bigram_buckets, base.model.smear_gate,
             base.model.value_residual, base.model.xsa_last_n) == ("relu2", 2.0, 0, False, False, 0)
     assert (base.train.matrix_lr, base.train.ema_decay, base.train.gptq_reserve_seconds) == (0.04, 0.0, 0.0)
@@ -62,10 +63,12 @@ def test_each_stack_keeps_its_switches_at_the_shape():
 
 
 def test_steps_rescale_the_schedule():
-    cfg = B.at_shape("seed", "tiny", steps=150)
-    # tiny: warmdown 100/300, momentum warm-up 50/300; EMA 1 - 1/(0.1 * steps)
-    assert (cfg.train.iterations, cfg.train.warmdown_iters, cfg.train.muon_momentum_warmup_steps) == (150, 50, 25)
-    assert cfg.train.ema_decay == pytest.approx(1 - 1 / 15)
+    t = config.resolve("tiny", env={}).train
+    cfg = B.at_shape("seed", "tiny", steps=2 * t.iterations)
+    # warm-down and Muon warm-up keep their fraction of the run; EMA decay 1 - 1/(0.1 * steps)
+    assert (cfg.train.iterations, cfg.train.warmdown_iters, cfg.train.muon_momentum_warmup_steps) == (
+        2 * t.iterations, 2 * t.warmdown_iters, 2 * t.muon_momentum_warmup_steps)
+    assert cfg.train.ema_decay == pytest.approx(1 - 1 / (0.2 * t.iterations))
     assert B.at_shape("baseline", "tiny", steps=150).train.ema_decay == 0.0
     assert B.at_shape("seed", None) == config.resolve("seed", env={})
 
@@ -224,7 +227,6 @@ def test_demo_phases_from_the_newest_tiny_run(cpu_bench, tmp_path):
     assert fallback["wall_s"] == 3.0 and "no finished tiny run" in fallback["source"]
 
 
-@pytest.mark.slow
 def test_quick_bench_writes_the_report(cpu_bench, offline_data, tmp_path):
     rc = cpu_bench.main(["--quick", "--stacks", "baseline,seed-plus", "--steps", "2", "--val-tokens", "1024",
                          "--rounds", "1", "--threads", "1", "--out-dir", str(tmp_path),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pgolf.fileio import atomic_write_bytes
 from pgolf.config import QuantConfig
 from pgolf.errors import ArtifactError
 from pgolf.quantize import artifact as A
@@ -177,7 +178,7 @@ def test_artifact_round_trip_equals_in_memory_dequantization(tmp_path, layout):
     blob, info = A.choose(entries, "zlib", layout)
     assert info["layout"] == layout
     path = tmp_path / "artifact.pgz"
-    A.write_atomic(path, blob)
+    atomic_write_bytes(path, blob)
     loaded = load_artifact(path)
     mem = dequantize_in_memory(entries)
     assert list(loaded) == sorted(state) == list(mem)
@@ -226,7 +227,7 @@ def test_pack_bits_round_trip():
 def artifact_file(tmp_path):
     entries = quantize_state_dict(synthetic_state(), QCFG, MATRICES)[0]
     path = tmp_path / "artifact.pgz"
-    A.write_atomic(path, A.choose(entries, "zlib")[0])
+    atomic_write_bytes(path, A.choose(entries, "zlib")[0])
     return path
 
 
@@ -260,7 +261,7 @@ def test_truncated_and_foreign_artifacts_are_refused(artifact_file):
 def test_decompressor_garbage_with_a_valid_checksum_is_refused(tmp_path):
     body = A.encode_body(quantize_state_dict(synthetic_state(), QCFG, MATRICES)[0])
     path = tmp_path / "a.pgz"
-    A.write_atomic(path, A.frame(body, "zlib", compressed=b"not zlib at all"))
+    atomic_write_bytes(path, A.frame(body, "zlib", compressed=b"not zlib at all"))
     assert "does not decompress with zlib" in _one_line_refusal(path)
 
 

@@ -140,7 +140,7 @@ class EvalConfig:
     ttt_lr: float = 1e-4
     ttt_epochs: int = 3
     ttt_unfreeze_blocks: int = 2
-    ttt_batch_seqs: int = 32
+    ttt_batch_seqs: int = 64  # sequences per TTT step across all ranks (seed: 8 ranks x 8 = one step per epoch)
     ttt_grad_clip: float = 1.0
     ttt_temperature: float = 1.0  # fixed divisor of the logits; never fitted on validation data
     eval_max_seconds: float = 600.0  # the eval clock includes loading and warm-up
@@ -313,7 +313,8 @@ def _baseline() -> Config:
             grad_clip_norm=0.0,
             ema_decay=0.0,
         ),
-        quant=QuantConfig(quant_method="rtn", matrix_bits=8, embed_bits=8, compressor="zlib"),
+        quant=QuantConfig(quant_method="rtn", matrix_bits=8, embed_bits=8, row_clip="percentile",
+                          compressor="zlib"),
         eval=EvalConfig(eval_mode="rows"),
     )
 

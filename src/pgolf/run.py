@@ -19,12 +19,12 @@ from typing import Any, Iterator, Mapping
 
 from pgolf import config as cfgmod
 from pgolf.config import Config
+from pgolf.fileio import atomic_write_json as write_json
 from pgolf.runinfo import (
     CHALLENGE_EVAL_SECONDS,
     CHALLENGE_TRAIN_SECONDS,
     collect_environment,
     val_shards_in_training,
-    write_json,
 )
 
 log = logging.getLogger("pgolf.run")

@@ -8,8 +8,6 @@ shard count and the data manifest's sha256.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import platform
 import subprocess
 import sys
@@ -22,14 +20,6 @@ from pgolf.config import Config
 
 CHALLENGE_TRAIN_SECONDS = 600.0  # training, including GPTQ calibration on training data
 CHALLENGE_EVAL_SECONDS = 600.0  # evaluation, including loading and warm-up
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Atomic write (temp file + rename) so a sync never uploads half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def _version(dist_name: str) -> str | None:
@@ -151,7 +141,8 @@ def val_shards_in_training(data_path: str) -> int:
     Training and calibration read only `fineweb_train_*` through `shard_paths(..., "train")`, so a
     non-zero count means the dataset itself leaks validation text into training (spec §7.1 item 9).
     """
-    from pgolf.data.manifest import read_manifest, sha256_file
+    from pgolf.data.manifest import read_manifest
+    from pgolf.fileio import sha256_file
     from pgolf.data.shards import shard_paths
 
     data_dir = Path(data_path)

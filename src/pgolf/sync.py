@@ -31,6 +31,7 @@ from types import FrameType, TracebackType
 from typing import Any, Callable
 
 from pgolf.errors import StoreError
+from pgolf.fileio import atomic_write_bytes
 from pgolf.store import (ObjectStore, S3Options, StoreUnavailable, open_store, sha256_bytes,
                          sha256_file, validate_key)
 
@@ -96,15 +97,6 @@ def build_manifest(run_id: str, files: dict[str, Uploaded], status: str) -> dict
     return {"run_id": run_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "status": status, "total_bytes": sum(u.size for u in files.values()),
             "files": entries}
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class RunSync:
@@ -285,7 +277,7 @@ class RunSync:
             if report.ok:
                 manifest = build_manifest(self.run_id, self.uploaded, status)
                 data = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
-                write_atomic(self.run_dir / MANIFEST, data)
+                atomic_write_bytes(self.run_dir / MANIFEST, data)
                 self.store.put_bytes(self.key(MANIFEST), data)
                 report.manifest_written = True
         except (StoreError, OSError) as exc:

@@ -26,7 +26,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from pgolf import __version__
-from pgolf.data.manifest import MANIFEST, file_entry, sha256_file, write_manifest
+from pgolf.data.manifest import MANIFEST, file_entry, write_manifest
+from pgolf.fileio import sha256_file
 from pgolf.data.shards import write_shard
 from pgolf.errors import DataError
 

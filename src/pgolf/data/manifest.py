@@ -6,26 +6,17 @@ for the same reason, and `fetch` / `prepare_offline` compare against it to skip 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 from pgolf.data.shards import read_header
+from pgolf.fileio import atomic_write_json, sha256_file
 from pgolf.errors import DataError
 
 MANIFEST = "manifest.json"
 FORMAT = "pgolf-data/1"
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def split_of(name: str) -> str | None:
@@ -53,12 +44,6 @@ def file_entry(path: Path, root: Path, with_sha256: bool = True) -> dict[str, An
     return entry
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_manifest(out_dir: Path, files: list[dict[str, Any]], **info: Any) -> dict[str, Any]:
     """Write manifest.json (atomically) listing `files` plus split totals and any extra `info`."""
     splits: dict[str, dict[str, int]] = {}
@@ -68,7 +53,7 @@ def write_manifest(out_dir: Path, files: list[dict[str, Any]], **info: Any) -> d
             s["shards"] += 1
             s["tokens"] += entry["tokens"]
     data = {"format": FORMAT, **info, "splits": splits, "files": sorted(files, key=lambda e: e["file"])}
-    write_json_atomic(out_dir / MANIFEST, data)
+    atomic_write_json(out_dir / MANIFEST, data, default=None)
     return data
 
 

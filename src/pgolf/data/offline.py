@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Iterator
 
 from pgolf.data.build import DEFAULT_TOKENIZER_TRAIN_BYTES, build_dataset, split_text
-from pgolf.data.manifest import manifest_files_present, read_manifest, sha256_file
+from pgolf.data.manifest import manifest_files_present, read_manifest
+from pgolf.fileio import sha256_file
 from pgolf.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgolf.data.manifest import MANIFEST, read_manifest, sha256_file
+from pgolf.data.manifest import MANIFEST, read_manifest
+from pgolf.fileio import sha256_file
 from pgolf.errors import DataError
 
 log = logging.getLogger(__name__)

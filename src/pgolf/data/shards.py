@@ -11,13 +11,13 @@ raise on a bad file because the header and the size are checked before the memma
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from pgolf.errors import DataError
+from pgolf.fileio import atomic_write
 
 MAGIC = 20240520
 VERSION = 1
@@ -45,18 +45,8 @@ def write_shard(path: str | os.PathLike[str], tokens: np.ndarray) -> None:
         )
     header = np.zeros(HEADER_WORDS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, tokens.size
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(header.tobytes())
-            fh.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    payload = tokens.astype(TOKEN_DTYPE, copy=False)
+    atomic_write(path, lambda fh: (fh.write(header.tobytes()), fh.write(payload.tobytes())))
 
 
 def read_header(path: str | os.PathLike[str]) -> int:

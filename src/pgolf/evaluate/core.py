@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -23,6 +22,7 @@ import torch
 
 from pgolf import dist
 from pgolf.config import Config
+from pgolf.fileio import atomic_write, atomic_write_json
 from pgolf.errors import ArtifactError, ConfigError
 from pgolf.evaluate.budget import BudgetGuard, Clock, EvalClock
 from pgolf.evaluate.score import Tally, autocast_for, score_windows
@@ -281,11 +281,7 @@ def evaluate(cfg: Config, run_dir: Path, artifact_path: Path | None = None, mode
 def write_per_token(path: Path, nll: np.ndarray | None, target_bytes: np.ndarray) -> None:
     """The audit trail: nll (float32, nats) and bytes (int32) for every target, in stream order."""
     assert nll is not None and nll.shape == target_bytes.shape
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, nll=nll.astype(np.float32), bytes=target_bytes.astype(np.int32))
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: np.savez(fh, nll=nll.astype(np.float32), bytes=target_bytes.astype(np.int32)))
 
 
 def write_summary(run_dir: Path, name: str, result: EvalResult, per_token_out: Path | None) -> None:
@@ -293,9 +289,6 @@ def write_summary(run_dir: Path, name: str, result: EvalResult, per_token_out: P
     payload = asdict(result)
     payload["per_token_out"] = str(per_token_out) if per_token_out else None
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / name
-    tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(run_dir / name, payload, default=None)
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"event": "eval", "summary": name, **payload}, sort_keys=True) + "\n")

@@ -300,16 +300,6 @@ def choose(entries: list[Entry], compressor: str = "auto", layout: str = "auto")
     return blob, {"compressor": n, "layout": lay, "body_bytes": len(bodies[lay]), "candidates": sizes}
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def read_entries(path: str | os.PathLike[str]) -> tuple[list[Entry], str]:
     p = Path(path)
     if not p.is_file():

@@ -25,7 +25,8 @@ import torch
 
 from pgolf.errors import ArtifactError, BudgetError
 from pgolf.quantize import rows as R
-from pgolf.quantize.artifact import Entry, choose, dequantize_entry, write_atomic
+from pgolf.fileio import atomic_write_bytes
+from pgolf.quantize.artifact import Entry, choose, dequantize_entry
 from pgolf.quantize.gptq import gptq_quantize, output_error
 from pgolf.quantize.report import (CODE_SOURCE_GIVEN, CODE_SOURCE_RAW, TensorRow, report_json,
                                    source_code_bytes, summary_lines)
@@ -230,7 +231,7 @@ def quantize_checkpoint(
     device = resolve_device(cfg.train.device)
     entries, rows, fallbacks = quantize_state_dict(state, q, matrix_keys, hessians, device)
     blob, info = choose(entries, q.compressor, q.q_layout)
-    write_atomic(Path(artifact_path), blob)
+    atomic_write_bytes(Path(artifact_path), blob)
 
     model_bytes = len(blob)
     code_source = CODE_SOURCE_GIVEN if code_bytes is not None else CODE_SOURCE_RAW
@@ -256,7 +257,7 @@ def quantize_checkpoint(
         "fallbacks": fallbacks,
         "seconds": round(seconds, 3),
     }
-    write_atomic(Path(report_path), report_json(report, rows).encode())
+    atomic_write_bytes(Path(report_path), report_json(report, rows).encode())
     for line in summary_lines(report):
         log.info(line)
     for f in fallbacks:

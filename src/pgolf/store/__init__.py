@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
 
 from pgolf.errors import StoreError
+from pgolf.fileio import sha256_file  # noqa: F401  (the store identifies objects by this hash)
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +114,6 @@ def validate_key(key: str) -> str:
         raise StoreError(f"unsafe object key {key!r} ({reason}): use a relative a/b/c path "
                          "without '..', empty segments or backslashes")
     return key
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:

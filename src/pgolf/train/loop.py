@@ -37,7 +37,8 @@ from pgolf.data.loader import DistributedTokenLoader
 from pgolf.data.shards import read_shard, shard_paths
 from pgolf.errors import DataError, PgolfError, TrainingError
 from pgolf.optim import Optimizers, build_optimizers, momentum_at
-from pgolf.train.runlog import RunLog, atomic_torch_save, atomic_write_json
+from pgolf.fileio import atomic_write_json
+from pgolf.train.runlog import RunLog, atomic_torch_save
 from pgolf.train.schedule import grad_accum_steps, lr_multiplier, train_cap_ms
 from pgolf.train.state import EMA, export_weights, load_state, rng_state, save_state, set_rng_state
 from pgolf.train.validate import ValData, evaluate_rows, load_val

@@ -8,36 +8,15 @@ other file of the run folder is written whole to a temp file and renamed into pl
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
-import os
-import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from pgolf.fileio import atomic_write
 
 log = logging.getLogger("pgolf.train")
-
-
-def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Call write(fh) on a temp file beside `path`, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
