@@ -38,3 +38,9 @@ def sp1024_model() -> Path:
     if not path.exists():
         pytest.skip("the challenge tokenizer is absent (../shared/data/fineweb_1024_bpe.model)")
     return path
+
+
+@pytest.fixture(scope="session")
+def sky_home(tmp_path_factory) -> Path:
+    """A throwaway HOME for SkyPilot: `import sky` writes ~/.sky (cloud-launch doc §2.1)."""
+    return tmp_path_factory.mktemp("sky-home")

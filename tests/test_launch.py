@@ -21,11 +21,6 @@ RUN_ID = re.compile(r"^seed-s(\d+)-\d{8}T\d{6}-[0-9a-f]{4}$")
 IMAGE = "ghcr.io/acme/pgolf:cu128-torch2.9.1-fa3-abc1234"
 
 
-@pytest.fixture(scope="session")
-def sky_home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("sky-home")
-
-
 @pytest.fixture
 def cloud_env(sky_home, monkeypatch):
     """A user's shell: temp HOME (sky writes ~/.sky), AWS keys, RESULTS_URI, a user name."""

@@ -27,11 +27,6 @@ SHELLCHECK = Path(sys.executable).with_name("shellcheck")
 DIGEST = re.compile(r"^docker:[^\s@]+@sha256:[0-9a-f]{64}$")
 
 
-@pytest.fixture(scope="session")
-def sky_home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("sky-home")
-
-
 @pytest.fixture
 def sky(sky_home, monkeypatch):
     """SkyPilot imported once per session, always under a temp HOME."""
