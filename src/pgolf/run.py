@@ -64,10 +64,10 @@ class PhaseTimer:
             yield
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 3)
-            if self.enabled:
+            if self.enabled:  # rank 0 only: one line per phase, not one per rank
                 with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
                     fh.write(json.dumps({"event": "phase", "phase": name, "seconds": self.seconds[name]}) + "\n")
-            log.info("phase:%s seconds:%.1f", name, self.seconds[name])
+                log.info("phase:%s seconds:%.1f", name, self.seconds[name])
 
 
 def pipeline(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
