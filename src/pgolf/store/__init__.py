@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
 
 from pgolf.errors import StoreError
+from pgolf.fileio import atomic_write
 from pgolf.fileio import sha256_file  # noqa: F401  (the store identifies objects by this hash)
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,17 @@ def check_sha(uri: str, key: str, expected: str | None, actual: str) -> None:
     if expected and expected != actual:
         raise ChecksumMismatch(f"sha256 mismatch for {uri}/{key}: stored {expected[:16]}…, "
                                f"got {actual[:16]}…; the object is corrupt, re-upload it")
+
+
+def receive_verified(src: BinaryIO, dest: str | Path, uri: str, key: str, expected: str | None) -> None:
+    """Stream an object's bytes into `dest` atomically, hashing on the way: on a sha256 mismatch
+    the temp file is dropped and `dest` is left as it was (both backends' get_file)."""
+
+    def write(fh: BinaryIO) -> None:
+        _, sha = copy_hashing(src, fh)
+        check_sha(uri, key, expected, sha)
+
+    atomic_write(dest, write)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from pgolf.errors import StoreError
 from pgolf.store import (ObjectNotFound, ObjInfo, PreconditionFailed, check_sha, copy_hashing,
-                         sha256_bytes, sha256_file, validate_key)
+                         receive_verified, sha256_bytes, sha256_file, validate_key)
 
 META_DIR = ".meta"
 
@@ -193,16 +193,8 @@ class FileStore:
 
     def get_file(self, key: str, path: str | Path) -> ObjInfo:
         info = self._require(key)
-        dest = Path(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_path(dest)
-        try:
-            with open(self._data(key), "rb") as src, open(tmp, "wb") as dst:
-                _, sha = copy_hashing(src, dst)
-            check_sha(self.uri, key, info.sha256, sha)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with open(self._data(key), "rb") as src:
+            receive_verified(src, path, self.uri, key, info.sha256)
         return info
 
     def list(self, prefix: str = "", *, start_after: str | None = None,

@@ -13,14 +13,13 @@ import contextlib
 import logging
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 from pgolf.errors import StoreError
 from pgolf.store import (ChecksumMismatch, ObjectNotFound, ObjInfo, PreconditionFailed,
-                         S3Options, StoreUnavailable, check_sha, copy_hashing, join_key,
-                         sha256_bytes, sha256_file, validate_key)
+                         S3Options, StoreUnavailable, check_sha, join_key,
+                         receive_verified, sha256_bytes, sha256_file, validate_key)
 
 log = logging.getLogger(__name__)
 
@@ -230,18 +229,10 @@ class S3Store:
 
     def get_file(self, key: str, path: str | Path) -> ObjInfo:
         """Stream into a temp file next to `path`, hash on the way, rename only if it matches."""
-        dest = Path(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
         resp = self._get(key)
         info = self._info(key, resp)
-        try:
-            with self._errors("get", key), open(tmp, "wb") as fh:
-                _, sha = copy_hashing(resp["Body"], fh)
-            check_sha(self.uri, key, info.sha256, sha)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with self._errors("get", key):
+            receive_verified(resp["Body"], path, self.uri, key, info.sha256)
         return info
 
     def list(self, prefix: str = "", *, start_after: str | None = None,
