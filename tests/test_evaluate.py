@@ -393,3 +393,80 @@ def test_artifact_is_read_from_disk_and_scored(skip2, mode_results, tmp_path):
     result = evaluate(skip2.cfg, run_dir, mode="rows")
     assert result.source == str(run_dir / "artifact.pgz") and result.parts["load"] > 0
     assert result.val_bpb == pytest.approx(mode_results["rows"][0].val_bpb, abs=0.02)  # quantization gap only
+
+
+# --- a self-describing artifact: it evaluates alone, and refuses the wrong tokenizer or data ----------
+
+
+@pytest.fixture(scope="module")
+def quantized_run(skip2, tmp_path_factory):
+    """A run folder (config.json + artifact.pgz) of the skip2 model, and its TTT score from that folder."""
+    from pgolf.cli import main
+    from pgolf.quantize import quantize
+
+    run_dir = tmp_path_factory.mktemp("selfdesc") / "run"
+    (run_dir / "checkpoint").mkdir(parents=True)
+    torch.save(skip2.sd, run_dir / "checkpoint" / "model.pt")
+    (run_dir / "config.json").write_text(skip2.cfg.to_json())
+    quantize(skip2.cfg, run_dir, check_cap=False)
+    assert main(["evaluate", str(run_dir), "--mode", "ttt"]) == 0
+    return SimpleNamespace(dir=run_dir, summary=json.loads((run_dir / "eval_summary.json").read_text()))
+
+
+def test_an_artifact_copied_anywhere_evaluates_alone(skip2, quantized_run, tmp_path):
+    """No run folder, no preset: the artifact rebuilds its model and scores exactly as in its run."""
+    from pgolf.cli import main
+    from pgolf.quantize.artifact import read_artifact
+
+    alone = tmp_path / "copied" / "X.pgz"
+    alone.parent.mkdir()
+    shutil.copy(quantized_run.dir / "artifact.pgz", alone)
+    meta = read_artifact(alone).meta
+    assert meta["model"]["num_layers"] == skip2.cfg.model.num_layers and meta["model"]["vocab_size"] == 1024
+    assert meta["eval"]["eval_seq_len"] == skip2.cfg.eval_seq_len and "attention_backend" not in meta["model"]
+    for extra in ([], ["--preset", "seed"]):  # a wrong preset guess no longer matters
+        out = tmp_path / f"out{len(extra)}"
+        assert main(["evaluate", str(alone), "--mode", "ttt", "--data", str(skip2.data),
+                     "--tokenizer", str(skip2.data / "tokenizer.model"), "--out", str(out), *extra]) == 0
+        got = json.loads((out / "eval_summary.json").read_text())
+        assert got["val_bpb"] == quantized_run.summary["val_bpb"] and got["ttt_steps"] == quantized_run.summary["ttt_steps"]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_a_wrong_model_knob_tokenizer_or_data_variant_is_one_line(skip2, quantized_run, offline_data, tmp_path,
+                                                                   capsys):
+    from pgolf.cli import main
+    from pgolf.data.build import train_tokenizer
+    from pgolf.data.manifest import file_entry, write_manifest
+    from pgolf.fileio import sha256_file
+
+    art = str(quantized_run.dir / "artifact.pgz")
+    tok = str(skip2.data / "tokenizer.model")
+    common = ["--mode", "rows", "--out", str(tmp_path / "o")]
+    assert main(["evaluate", art, "--data", str(skip2.data), "--tokenizer", tok, "--preset", "seed",
+                 "--num-layers", "3", *common]) == 2
+    assert "holds another model than the config: NUM_LAYERS=2 (config: 3)" in _one_error_line(capsys)
+
+    docs = [json.loads(line)["text"] for line in (offline_data / "docs.jsonl").read_text().splitlines()[:300]]
+    other = train_tokenizer(docs, tmp_path / "other.model", vocab_size=512, num_threads=1)
+    assert main(["evaluate", art, "--data", str(skip2.data), "--tokenizer", str(other), *common]) == 2
+    line = _one_error_line(capsys)
+    assert f"tokenizer {other} (sha256 {sha256_file(other)[:12]}) is not the one" in line
+    assert f"(tokenizer.model, sha256 {sha256_file(tok)[:12]})" in line
+
+    variant = tmp_path / "variant"  # shards whose manifest says they were tokenized with `other`
+    make_val_dir(variant, skip2.tokens, Path(tok))
+    write_manifest(variant, [file_entry(variant / "fineweb_val_000000.bin", variant)],
+                   tokenizer={"file": "other.model", "sha256": sha256_file(other)})
+    assert main(["evaluate", art, "--data", str(variant), "--tokenizer", tok, *common]) == 2
+    assert "was tokenized with another tokenizer" in _one_error_line(capsys)
+
+    wide = tmp_path / "wide"  # a bigger-vocab variant (sp8192-like ids) without a manifest
+    make_val_dir(wide, np.array([5, 4000, 17, 8191], dtype=np.uint16), Path(tok))
+    assert main(["evaluate", art, "--data", str(wide), "--tokenizer", tok, *common]) == 2
+    assert "8191" in _one_error_line(capsys)

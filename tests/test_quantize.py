@@ -272,3 +272,20 @@ def test_missing_compressor_library_is_an_error_not_a_fallback(monkeypatch):
     entries = quantize_state_dict(synthetic_state(), QCFG, MATRICES)[0]
     with pytest.raises(ArtifactError, match="pip install brotli"):
         A.choose(entries, "auto")
+
+
+def test_meta_travels_inside_the_compressed_body(tmp_path):
+    """Format 2: the artifact describes its model inside the compressed (counted) body."""
+    entries = quantize_state_dict(synthetic_state(), QCFG, MATRICES)[0]
+    meta = {"model": {"vocab_size": 1024, "num_layers": 2}, "eval": {"eval_seq_len": 64},
+            "tokenizer": {"file": "t.model", "sha256": "ab" * 32}}
+    blob = A.choose(entries, "zlib", meta=meta)[0]
+    assert struct.unpack_from("<H", blob, 4)[0] == A.VERSION == 2
+    assert b"vocab_size" not in blob  # compressed with the weights: part of the model bytes
+    path = tmp_path / "a.pgz"
+    atomic_write_bytes(path, blob)
+    art = A.read_artifact(path)
+    assert art.meta == meta and art.compressor == "zlib"
+    assert list(art.state_dict()) == list(load_artifact(path)) == sorted(synthetic_state())
+    path.write_bytes(blob[:4] + struct.pack("<H", 1) + blob[6:])  # a format-1 file (no meta) from older pgolf
+    assert "format version 1, this pgolf reads 2" in _one_line_refusal(path)

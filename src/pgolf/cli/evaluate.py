@@ -2,15 +2,22 @@
 
 PATH is a run folder (its artifact.pgz and config.json), an artifact file, or a *.pt checkpoint.
 Config: the run folder's config.json (PATH, or the folder holding the weights, or its parent) unless
---preset is given, then env vars, then flags. Outputs go to --out, else to that run folder. Under torchrun every rank runs the same command; rank 0 writes the files.
+--preset is given; an artifact outside a run folder (or with --preset) brings its own model and eval
+settings, so `pgolf evaluate X.pgz --data D --tokenizer T` needs nothing else. Then env vars, then
+flags. The artifact is checked against the model, tokenizer and data before it is loaded. Outputs go
+to --out, else to that run folder. Under torchrun every rank runs the same command; rank 0 writes the files.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pgolf.cli.common import add_config_flags
+
+if TYPE_CHECKING:
+    from pgolf.config import Config
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -29,6 +36,21 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--summary-name", default="eval_summary.json", help="summary file name inside the run folder")
     add_config_flags(p)
     p.set_defaults(func=run)
+
+
+def config_of_artifact(meta: dict, base: "Config") -> "Config":
+    """`base` with the artifact's own model and eval settings (its format-2 meta); env and flags
+    apply after. Here, not in pgolf.quantize.meta: the CLI's job, so it stays out of train_gpt.py."""
+    import dataclasses
+
+    from pgolf import config as cfgmod
+    from pgolf.errors import ArtifactError
+
+    if not meta.get("model"):
+        raise ArtifactError("the artifact does not describe its model; evaluate it from its run folder or with --preset")
+    known = {f.name for section in (base.model, base.eval) for f in dataclasses.fields(section)}
+    values = {k: v for k, v in {**meta.get("eval", {}), **meta["model"]}.items() if k in known}
+    return cfgmod.apply_overrides(base, values)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,10 +79,15 @@ def run(args: argparse.Namespace) -> int:
     explicit = {"eval_mode": args.mode, "data_path": args.data, "tokenizer_path": args.tokenizer}
     overrides.update({k: str(v) for k, v in explicit.items() if v is not None})
     if args.preset is None and run_folder is not None:
-        saved = cfgmod.load(run_folder / "config.json")
-        cfg = cfgmod.apply_overrides(cfgmod.apply_overrides(saved, cfgmod.env_overrides()), overrides)
+        base = cfgmod.load(run_folder / "config.json")
+    elif artifact is not None and checkpoint is None:
+        from pgolf.quantize.artifact import read_artifact
+
+        preset = cfgmod.resolve(args.preset or cfgmod.env_flag("PRESET") or None, env={})
+        base = config_of_artifact(read_artifact(artifact).meta, preset)
     else:
-        cfg = cfgmod.resolve(args.preset, overrides)
+        base = cfgmod.resolve(args.preset or cfgmod.env_flag("PRESET") or None, env={})
+    cfg = cfgmod.apply_overrides(cfgmod.apply_overrides(base, cfgmod.env_overrides()), overrides)
 
     from pgolf.evaluate import evaluate
 

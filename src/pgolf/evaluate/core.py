@@ -208,7 +208,16 @@ def evaluate(cfg: Config, run_dir: Path, artifact_path: Path | None = None, mode
     e, seq_len = cfg.eval, cfg.eval_seq_len
 
     with eval_clock.part("load"):
-        state = loader(source)
+        if state_dict_loader is None and not checkpoint and source.suffix not in (".pt", ".pth"):
+            from pgolf.quantize.artifact import read_artifact
+            from pgolf.quantize.meta import check
+
+            artifact = read_artifact(source)
+            check(artifact.meta, cfg, str(source))  # wrong model, tokenizer or data: one line, now
+            state = artifact.state_dict()
+            del artifact
+        else:
+            state = loader(source)
         tokens_np = load_val_tokens(cfg.data.data_path, cfg.model.vocab_size)
         target_bytes = val_target_bytes(cfg.data.data_path, tokens_np, cfg.data.tokenizer_path)
     with eval_clock.part("build"):

@@ -4,7 +4,7 @@ File layout (all integers little-endian):
 
     offset  size  field
     0       4     magic b"PGQZ"
-    4       2     format version (u16) = 1
+    4       2     format version (u16) = 2
     6       1     compressor id (u8): 1 zlib-9, 2 lzma (raw LZMA2, preset 9|extreme), 3 zstd-22,
                   4 brotli-11 (window 24)
     7       1     reserved, 0
@@ -17,7 +17,9 @@ Body (before compression):
 
     0       4     header length N (u32)
     4       N     header: UTF-8 JSON, sorted keys, no spaces:
-                  {"layout": "int8"|"packed", "tensors": [entry, ...]} with entries in name order,
+                  {"layout": "int8"|"packed", "meta": {...}, "tensors": [entry, ...]} with entries in
+                  name order; meta (pgolf.quantize.meta) is what rebuilds and checks the model: its
+                  config, how its run evaluated it, and the tokenizer's sha256 (format 2; new in 2),
                   entry = {"name", "kind": quant|fp16|raw, "shape", "dtype" (torch dtype of the
                   original tensor), "bits" (quant only), "parts": [part, ...]},
                   part  = {"role", "enc", "shape", "offset", "nbytes"} (offset from the payload start)
@@ -52,7 +54,7 @@ from pgolf.errors import ArtifactError
 from pgolf.quantize.rows import qmax_for
 
 MAGIC = b"PGQZ"
-VERSION = 1
+VERSION = 2  # 2: the body header carries "meta" (the artifact describes its model)
 PREFIX = struct.Struct("<4sHBBQQ")  # magic, version, compressor id, reserved, body len, comp len
 HEADER_BYTES = PREFIX.size + 32
 COMPRESSORS = {"zlib": 1, "lzma": 2, "zstd": 3, "brotli": 4}
@@ -183,7 +185,7 @@ def _decode_part(enc: str, buf: bytes, shape: list[int]) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).reshape(shape)
 
 
-def encode_body(entries: list[Entry], layout: str = "int8") -> bytes:
+def encode_body(entries: list[Entry], layout: str = "int8", meta: dict | None = None) -> bytes:
     entries = sorted(entries, key=lambda e: e.name)
     encoded: dict[tuple[int, str], tuple[str, bytes]] = {}
     for i, e in enumerate(entries):
@@ -214,11 +216,13 @@ def encode_body(entries: list[Entry], layout: str = "int8") -> bytes:
         if e.kind == "quant":
             item["bits"] = e.bits
         table.append(item)
-    header = json.dumps({"layout": layout, "tensors": table}, sort_keys=True, separators=(",", ":")).encode()
+    head = {"layout": layout, "tensors": table, **({"meta": meta} if meta else {})}
+    header = json.dumps(head, sort_keys=True, separators=(",", ":")).encode()
     return struct.pack("<I", len(header)) + header + b"".join(chunks)
 
 
-def decode_body(body: bytes) -> list[Entry]:
+def decode_body(body: bytes) -> tuple[list[Entry], dict]:
+    """(entries, meta) from a body; meta is {} when the writer stored none."""
     try:
         (n,) = struct.unpack_from("<I", body, 0)
         header = json.loads(body[4 : 4 + n].decode("utf-8"))
@@ -233,7 +237,10 @@ def decode_body(body: bytes) -> list[Entry]:
                 parts[p["role"]] = _decode_part(p["enc"], bytes(payload[off : off + nb]), p["shape"])
             out.append(Entry(name=item["name"], kind=item["kind"], shape=tuple(item["shape"]),
                              dtype=item["dtype"], parts=parts, bits=int(item.get("bits", 0))))
-        return out
+        meta = header.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise ArtifactError("artifact meta is not a JSON object; the file is corrupted")
+        return out, meta
     except ArtifactError:
         raise
     except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as exc:
@@ -281,7 +288,8 @@ def unframe(blob: bytes, where: str = "artifact") -> tuple[bytes, str]:
     return body, name
 
 
-def choose(entries: list[Entry], compressor: str = "auto", layout: str = "auto") -> tuple[bytes, dict]:
+def choose(entries: list[Entry], compressor: str = "auto", layout: str = "auto",
+           meta: dict | None = None) -> tuple[bytes, dict]:
     """The smallest framed artifact over the allowed compressors and q layouts, and every size tried."""
     names = list(COMPRESSORS) if compressor == "auto" else [compressor]
     layouts = list(LAYOUTS) if layout == "auto" else [layout]
@@ -289,7 +297,7 @@ def choose(entries: list[Entry], compressor: str = "auto", layout: str = "auto")
         layouts = layouts[:1]  # packing changes nothing when no integer is narrower than 8 bits
     for n in names:  # fail before any work when a library is missing
         compress(n, b"")
-    bodies = {lay: encode_body(entries, lay) for lay in layouts}
+    bodies = {lay: encode_body(entries, lay, meta) for lay in layouts}
     jobs = [(lay, n) for lay in layouts for n in names]
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         results = list(pool.map(lambda j: compress(j[1], bodies[j[0]]), jobs))
@@ -300,15 +308,26 @@ def choose(entries: list[Entry], compressor: str = "auto", layout: str = "auto")
     return blob, {"compressor": n, "layout": lay, "body_bytes": len(bodies[lay]), "candidates": sizes}
 
 
-def read_entries(path: str | os.PathLike[str]) -> tuple[list[Entry], str]:
+@dataclass
+class Artifact:
+    entries: list[Entry]
+    compressor: str
+    meta: dict  # pgolf.quantize.meta: model config, eval settings, tokenizer fingerprint
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The dequantized state dict (float32 floats, the model's exact keys)."""
+        return {e.name: dequantize_entry(e) for e in self.entries}
+
+
+def read_artifact(path: str | os.PathLike[str]) -> Artifact:
     p = Path(path)
     if not p.is_file():
         raise ArtifactError(f"artifact {p} not found; run `pgolf quantize` first")
     body, name = unframe(p.read_bytes(), where=str(p))
-    return decode_body(body), name
+    entries, meta = decode_body(body)
+    return Artifact(entries, name, meta)
 
 
 def load_artifact(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """artifact.pgz -> the dequantized state dict (float32 floats, the model's exact keys)."""
-    entries, _ = read_entries(path)
-    return {e.name: dequantize_entry(e) for e in entries}
+    return read_artifact(path).state_dict()

@@ -28,6 +28,7 @@ from pgolf.quantize import rows as R
 from pgolf.fileio import atomic_write_bytes
 from pgolf.quantize.artifact import Entry, choose, dequantize_entry
 from pgolf.quantize.gptq import gptq_quantize, output_error
+from pgolf.quantize.meta import describe
 from pgolf.quantize.report import (CODE_SOURCE_GIVEN, CODE_SOURCE_RAW, TensorRow, report_json,
                                    source_code_bytes, summary_lines)
 
@@ -222,6 +223,7 @@ def quantize_checkpoint(
     q = cfg.quant
     if not Path(checkpoint).is_file():
         raise ArtifactError(f"checkpoint {checkpoint} not found; train first (`pgolf train`) or pass a run folder")
+    meta = describe(cfg)  # before any work: a missing tokenizer fails here, not after GPTQ
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if matrix_keys is None:
         matrix_keys = matrix_keys_of(cfg)
@@ -230,7 +232,7 @@ def quantize_checkpoint(
 
     device = resolve_device(cfg.train.device)
     entries, rows, fallbacks = quantize_state_dict(state, q, matrix_keys, hessians, device)
-    blob, info = choose(entries, q.compressor, q.q_layout)
+    blob, info = choose(entries, q.compressor, q.q_layout, meta=meta)
     atomic_write_bytes(Path(artifact_path), blob)
 
     model_bytes = len(blob)
