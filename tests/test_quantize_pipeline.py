@@ -100,7 +100,20 @@ def test_quantize_without_hessians_falls_back_and_says_so(cfg, run_dir):
     report = json.loads(res.report_path.read_text())
     assert report["hessians"] is None and report["fallbacks"]
     assert all("no Hessian" in f for f in report["fallbacks"])
-    assert "upper bound" in report["code_bytes_source"] and report["code_bytes"] > 10_000
+
+def test_a_package_run_counts_the_file_that_would_ship(cfg, run_dir, caplog):
+    """Not the package's sources: the train_gpt.py `pgolf submission build` would ship for this config."""
+    from pgolf.submission.bundle import minifier_version, shipped_code_bytes
+
+    caplog.set_level("INFO", logger="pgolf.quantize.quantizer")
+    report = json.loads(quantize(cfg, run_dir).report_path.read_text())
+    form = "compressed" if minifier_version() else "raw"
+    assert report["code_bytes"] == shipped_code_bytes(cfg, form)
+    assert report["code_bytes_source"].startswith(f"train_gpt.py as `pgolf submission build` would ship it "
+                                                  f"for this config ({form} form")
+    assert "this run ran the package" in report["code_bytes_source"]
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Code size:"))
+    assert line == f"Code size: {report['code_bytes']} bytes ({report['code_bytes_source']})"
 
 
 def test_cap_error_fires_with_the_right_numbers_after_writing(cfg, run_dir):

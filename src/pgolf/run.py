@@ -20,9 +20,11 @@ from typing import Any, Iterator, Mapping
 from pgolf import config as cfgmod
 from pgolf.config import Config
 from pgolf.fileio import atomic_write_json as write_json
+from pgolf.errors import ConfigError, PgolfError
 from pgolf.runinfo import (
     CHALLENGE_EVAL_SECONDS,
     CHALLENGE_TRAIN_SECONDS,
+    bundle_info,
     collect_environment,
     val_shards_in_training,
 )
@@ -94,6 +96,7 @@ def pipeline(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]
         with phase("quantize"):
             if is_rank0:
                 quant_result = quantize.quantize(cfg, run_dir, check_cap=False)
+                append_to_train_log(run_dir, quantize.size_lines(run_dir / "quant_report.json"))
             dist.barrier()
         # The trainer's final validation already scored the exported (post-EMA) weights in rows:
         # that is the pre-quant figure; the same rows on the artifact give the quantization gap.
@@ -106,10 +109,18 @@ def pipeline(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]
         if is_rank0:
             summary = write_summary(cfg, run_dir, trained, calib_s, quant_result, post_quant, final,
                                     phase.seconds)
-    if is_rank0 and summary:
-        log.info("final val_bpb:%.6f total_bytes:%s compliance:%s", summary["val_bpb"], summary["total_bytes"],
-                 "ok" if summary["compliant"] else "FAILED")
+            final_line = (f"final val_loss:{summary['val_loss']:.8f} val_bpb:{summary['val_bpb']:.8f} "
+                          f"total_bytes:{summary['total_bytes']} compliance:{'ok' if summary['compliant'] else 'FAILED'}")
+            append_to_train_log(run_dir, [final_line])
+            log.info(final_line)
     return summary
+
+
+def append_to_train_log(run_dir: Path, lines: list[str]) -> None:
+    """train.log is the log a submission ships (train_seed<S>.log): the sizes the run counted (code
+    bytes: which file and why) and its final score go in it after the training lines."""
+    with open(run_dir / "train.log", "a", encoding="utf-8") as fh:
+        fh.write("".join(line + "\n" for line in lines))
 
 
 def write_summary(cfg: Config, run_dir: Path, trained: Any, calib_s: float, quant_result: Any,
@@ -200,8 +211,16 @@ def main_from_env(defaults: Mapping[str, Any] | None = None, argv: list[str] | N
     """Entry point for the generated single-file submission: embedded defaults < env vars."""
     from pgolf import dist
 
-    base = cfgmod.from_dict(defaults) if defaults else cfgmod.resolve(env={})
-    cfg = cfgmod.apply_overrides(base, cfgmod.env_overrides())
-    run_dir = Path(cfg.run.runs_dir) / dist.resolve_run_id(cfg)
-    summary = pipeline(cfg, run_dir)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # as the `pgolf` CLI: progress on stderr
+    try:
+        base = cfgmod.from_dict(defaults) if defaults else cfgmod.resolve(env={})
+        cfg = cfgmod.apply_overrides(base, cfgmod.env_overrides())
+        if cfg.run.results_uri and bundle_info():  # every rank: the file has no store code (it would count)
+            raise ConfigError(f"RESULTS_URI={cfg.run.results_uri} is set, but train_gpt.py does not sync itself; run "
+                              "it as `pgolf results sync -- torchrun ... train_gpt.py` (sky/record.yaml does) or unset it")
+        run_dir = Path(cfg.run.runs_dir) / dist.resolve_run_id(cfg)
+        summary = pipeline(cfg, run_dir)
+    except PgolfError as exc:  # the file has no CLI edge: the same one-line error as `pgolf`
+        log.error("error: %s%s", exc, f"\nhint: {exc.hint}" if exc.hint else "")
+        return 2
     return 0 if not summary or summary["compliant"] else 1

@@ -1,13 +1,14 @@
-"""Facts about a run that no stage owns: the environment fingerprint and atomic JSON writes.
+"""Facts about a run that no stage owns: the environment fingerprint and the code it counts.
 
 environment.json answers "what exactly ran this?": GPU model (and whether it is SXM), driver, CUDA,
-torch, triton, FlashAttention 3, NCCL, Python, CPU, git commit, image tag/digest, dataset id,
-shard count and the data manifest's sha256.
+torch, triton, FlashAttention 3, NCCL, Python, CPU, git commit, the train_gpt.py that ran (path,
+bytes, sha256), image tag/digest, dataset id, shard count and the data manifest's sha256.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import subprocess
 import sys
@@ -68,6 +69,28 @@ def source_sha256() -> str | None:
     return source_digest(collect_modules())
 
 
+def code_facts(cfg: Config) -> dict[str, Any]:
+    """What this run counts as code bytes, and why (environment.json, quant_report.json).
+
+    From a generated train_gpt.py (what `pgolf launch` runs): that file's own bytes and sha256, the
+    file a submission ships. From the package: `pgolf.submission.bundle.package_code_facts` (the
+    file a submission would ship; that code stays out of the counted file).
+    """
+    info = bundle_info()
+    if not info:
+        from pgolf.submission.bundle import package_code_facts
+
+        return package_code_facts(cfg)
+    path = Path(info["file"])
+    data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    shown = os.path.relpath(path)
+    shown = str(path) if shown.startswith("..") else shown
+    return {"code_form": info.get("form"), "code_file": str(path), "code_bytes": len(data), "code_sha256": sha,
+            "code_bytes_source": f"{shown}: the file this run executes, which a submission ships; "
+                                 f"{info.get('form')} form, sha256 {sha[:12]}"}
+
+
 def gpu_facts() -> dict[str, Any]:
     """GPU name/driver from nvidia-smi; SXM is told apart from PCIe/NVL by the board name."""
     rows = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
@@ -120,7 +143,7 @@ def collect_environment(cfg: Config, device: Any, world_size: int) -> dict[str, 
         "pgolf": __version__,
         "git_commit": git_commit(),
         "source_sha256": source_sha256(),
-        "code_form": bundle_info().get("form", "package"),
+        **{k: v for k, v in code_facts(cfg).items() if k != "code_bytes_source"},
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu": cpu_model(),

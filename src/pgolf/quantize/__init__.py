@@ -5,6 +5,7 @@
     load_artifact(path) -> state dict                       dequantized float32, the model's keys
     dequantize_in_memory(entries) -> state dict             identical to load_artifact of the same entries
     compare_methods(cfg, run_dir) -> rows                   bytes and val_bpb of several methods
+    size_lines(report_path) -> lines                        the upstream size lines (Code size, Total submission size)
 
 Modules: rows (row scales, RTN), gptq, calibrate, artifact (container + compressors), report
 (sizes, table), quantizer (the stage), compare. Importing this package imports torch; the CLI
@@ -16,6 +17,7 @@ from pgolf.quantize.calibrate import CalibResult, calibrate
 from pgolf.quantize.compare import compare_methods, format_compare
 from pgolf.quantize.quantizer import (QuantResult, dequantize_in_memory, quantize, quantize_checkpoint,
                                       quantize_state_dict)
+from pgolf.quantize.report import size_lines
 
 __all__ = [
     "CalibResult",
@@ -28,4 +30,5 @@ __all__ = [
     "quantize",
     "quantize_checkpoint",
     "quantize_state_dict",
+    "size_lines",
 ]

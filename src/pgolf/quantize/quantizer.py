@@ -29,8 +29,7 @@ from pgolf.fileio import atomic_write_bytes
 from pgolf.quantize.artifact import Entry, choose, dequantize_entry
 from pgolf.quantize.gptq import gptq_quantize, output_error
 from pgolf.quantize.meta import describe
-from pgolf.quantize.report import (CODE_SOURCE_GIVEN, CODE_SOURCE_RAW, TensorRow, report_json,
-                                   source_code_bytes, summary_lines)
+from pgolf.quantize.report import CODE_SOURCE_GIVEN, TensorRow, report_json, summary_lines
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +235,13 @@ def quantize_checkpoint(
     atomic_write_bytes(Path(artifact_path), blob)
 
     model_bytes = len(blob)
-    code_source = CODE_SOURCE_GIVEN if code_bytes is not None else CODE_SOURCE_RAW
-    code = int(code_bytes) if code_bytes is not None else source_code_bytes()
+    if code_bytes is not None:
+        code, code_source = int(code_bytes), CODE_SOURCE_GIVEN
+    else:
+        from pgolf.runinfo import code_facts
+
+        facts = code_facts(cfg)
+        code, code_source = facts["code_bytes"], facts["code_bytes_source"]
     total = model_bytes + code
     seconds = time.perf_counter() - t0
     report = {

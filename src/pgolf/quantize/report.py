@@ -1,9 +1,9 @@
 """Size accounting and the per-tensor report (`quant_report.json`, the CLI table).
 
 Total = compressed model bytes (the artifact file size) + code bytes, against the decimal 16,000,000 B
-cap (technique-spec §4.3). Until the submission bundler exists, code bytes default to the raw size
-of every runtime source file of the package (src/pgolf/**/*.py): an upper bound on what ships; the
-pipeline may pass the bundled train_gpt.py size instead, and the report says which one was used.
+cap (technique-spec §4.3). Code bytes are those of the generated train_gpt.py (`pgolf.runinfo.code_facts`):
+the running file itself when a run executes one, else the file `pgolf submission build` would ship for
+the run's config; a caller may pass its own figure. `code_bytes_source` says which, in words.
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pgolf
-
-CODE_SOURCE_RAW = "raw bytes of src/pgolf/**/*.py (upper bound until the submission bundler exists)"
-CODE_SOURCE_GIVEN = "given by the caller (bundled submission code)"
+CODE_SOURCE_GIVEN = "given by the caller (--code-bytes)"
 
 
 @dataclass
@@ -32,16 +29,6 @@ class TensorRow:
     pruned: float = 0.0  # fraction of exact zeros forced by pruning
     lowrank: int = 0  # rank of the stored correction
     note: str = ""
-
-
-def source_code_bytes() -> int:
-    """The shipped file's size when running from a generated train_gpt.py; else the raw bytes of
-    the package's runtime sources (src/pgolf/**/*.py), an upper bound of the shipped code."""
-    bundle = getattr(pgolf, "__bundle__", None)
-    if bundle:
-        return int(bundle["code_bytes"])
-    root = Path(pgolf.__file__).resolve().parent
-    return sum(p.stat().st_size for p in sorted(root.rglob("*.py")) if "__pycache__" not in p.parts)
 
 
 def _fmt_err(x: float | None) -> str:
@@ -77,6 +64,11 @@ def summary_lines(report: dict) -> list[str]:
         f"Total submission size {tag}: {report['total_bytes']} bytes "
         f"(cap {report['size_cap_bytes']}, headroom {report['headroom_bytes']})",
     ]
+
+
+def size_lines(report_path: str | Path) -> list[str]:
+    """`summary_lines` of a written quant_report.json."""
+    return summary_lines(json.loads(Path(report_path).read_text(encoding="utf-8")))
 
 
 def _clean(x):

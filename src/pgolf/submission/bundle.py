@@ -352,7 +352,10 @@ def _header(version: str, commit: str, form: Form, n_modules: int) -> str:
 
 
 def _bundle_info(version: str, commit: str, form: Form, digest: str) -> dict[str, Any]:
-    return {"version": version, "commit": commit, "form": form, "source_sha256": digest}
+    info = {"version": version, "commit": commit, "form": form, "source_sha256": digest}
+    if form == "compressed":  # the minifier's version changes the bytes: say which one made them
+        info["minifier"] = f"python-minifier {minifier_version()}"
+    return info
 
 
 def render_raw(modules: tuple[Module, ...], defaults: Mapping[str, Any], version: str,
@@ -385,9 +388,11 @@ def minifier_version() -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=512)
 def minify_source(source: str, name: str = "<module>") -> str:
     """python-minifier with the safe settings: annotations on class attributes (dataclass fields)
-    kept, docstrings dropped unless the module reads `__doc__`, asserts kept, globals kept."""
+    kept, docstrings dropped unless the module reads `__doc__`, asserts kept, globals kept.
+    Cached per source: a process that sizes the shipped file twice minifies each module once."""
     try:
         import python_minifier
     except ImportError:
@@ -460,10 +465,62 @@ def embedded_defaults(cfg: "Config") -> dict[str, Any]:
     return clean.to_dict()
 
 
+def shipped_text(cfg: "Config", form: Form = "compressed", commit: str | None = None) -> str:
+    """The train_gpt.py `pgolf submission build` ships for runs of `cfg` (same checkout, same
+    python-minifier), byte for byte; `pgolf launch` ships the same file to the node."""
+    return build_bundle(embedded_defaults(cfg), commit=commit, forms=(form,)).text(form)
+
+
 def shipped_code_bytes(cfg: "Config", form: Form = "compressed", commit: str | None = None) -> int:
-    """Bytes of the train_gpt.py `pgolf submission build` would ship for runs of `cfg` (same
-    checkout, same python-minifier): what a run from the package should count as code bytes."""
-    return build_bundle(embedded_defaults(cfg), commit=commit, forms=(form,)).nbytes(form)
+    """Bytes of `shipped_text(cfg)`: what a run from the package counts as code bytes."""
+    return len(shipped_text(cfg, form, commit).encode("utf-8"))
+
+
+def package_code_facts(cfg: "Config") -> dict[str, Any]:
+    """`runinfo.code_facts` for a run of the package: the train_gpt.py `pgolf submission build`
+    would ship for this config (compressed form when python-minifier is installed, else raw)."""
+    import json
+
+    text, form = _would_ship(json.dumps(cfg.to_dict(), sort_keys=True))
+    data = text.encode("utf-8")
+    why = "" if form == "compressed" else "; python-minifier is not installed, so the raw form"
+    return {"code_form": "package", "code_file": None, "code_bytes": len(data),
+            "code_sha256": hashlib.sha256(data).hexdigest(),
+            "code_bytes_source": f"train_gpt.py as `pgolf submission build` would ship it for this config "
+                                 f"({form} form{why}, generated from this checkout); this run ran the package"}
+
+
+@functools.lru_cache(maxsize=8)
+def _would_ship(cfg_json: str) -> tuple[str, Form]:
+    import json
+
+    from pgolf import config as cfgmod
+
+    form: Form = "compressed" if minifier_version() else "raw"
+    return shipped_text(cfgmod.from_dict(json.loads(cfg_json)), form), form
+
+
+@dataclass(frozen=True)
+class ShippedFile:
+    """A generated train_gpt.py on disk, as `pgolf launch` ships it."""
+
+    path: Path
+    nbytes: int
+    sha256: str
+    form: Form
+    commit: str
+    preset: str
+
+
+def write_shipped(cfg: "Config", path: Path, form: Form = "compressed",
+                  commit: str | None = None) -> ShippedFile:
+    """Generate train_gpt.py for runs of `cfg` and write it atomically to `path`."""
+    from pgolf.fileio import atomic_write_bytes
+
+    commit = git_commit() if commit is None else commit
+    data = shipped_text(cfg, form, commit).encode("utf-8")
+    atomic_write_bytes(Path(path), data)
+    return ShippedFile(Path(path), len(data), hashlib.sha256(data).hexdigest(), form, commit, cfg.preset)
 
 
 def requirements(third_party: Iterable[str], torch_version: str | None = None) -> str:
