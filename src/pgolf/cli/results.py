@@ -1,4 +1,4 @@
-"""`pgolf results pull|ls|plot|push` and `pgolf store up|down|env|status`.
+"""`pgolf results pull|ls|plot|push|sync` and `pgolf store up|down|env|status`.
 
 No boto3/matplotlib at module level: handlers import pgolf.results / pgolf.seaweed, which import
 the heavy libraries only where they are used.
@@ -75,6 +75,17 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from pgolf import config as cfgmod
+    from pgolf.supervise import supervise
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    cfg = cfgmod.resolve()  # RUN_ID, RUNS_DIR, RESULTS_URI, SYNC_EVERY_SECONDS, PRESET, SEED as the command sees them
+    return supervise(command, uri=args.dest or cfg.run.results_uri, run_id=args.run_id or cfg.run.run_id,
+                     runs_dir=cfg.run.runs_dir, env=cfgmod.environment(), cfg_for_id=cfg,
+                     every_seconds=cfg.run.sync_every_seconds, final_timeout_s=args.timeout)
+
+
 def cmd_store_up(args: argparse.Namespace) -> int:
     from pgolf.seaweed import LocalSeaweed
 
@@ -147,6 +158,17 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--run-id", default=None, help="default: the folder's name")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to keep retrying")
     p.set_defaults(func=cmd_push)
+
+    p = rsub.add_parser("sync", help="run a command that writes runs/<run_id>/, syncing that folder meanwhile",
+                        description="Runs COMMAND (e.g. torchrun ... train_gpt.py, which carries no store code) "
+                                    "with RUN_ID set, mirrors runs/<run_id>/ to the store every "
+                                    "SYNC_EVERY_SECONDS and commits it (manifest.json last) when COMMAND ends, "
+                                    "however it ends. Exits with COMMAND's code, or 2 if the commit failed.")
+    p.add_argument("--to", dest="dest", metavar="URI", help="store URI (default $RESULTS_URI)")
+    p.add_argument("--run-id", default=None, help="default: $RUN_ID, else <preset>-s<seed>-<UTC>-<hex>")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds the final sync keeps retrying")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    p.set_defaults(func=cmd_sync)
 
     st = sub.add_parser("store", help="the local SeaweedFS S3 server (default results store)")
     ssub = st.add_subparsers(dest="store_command", metavar="ACTION", required=True)
