@@ -8,6 +8,8 @@
 #                                           FA3 wheel only when missing; then docker/selftest.py
 #   bash sky/node.sh phase NAME START_EPOCH  add now-START seconds to phase NAME in the phases file
 #   bash sky/node.sh env                     print the image/version facts the run records
+#   bash sky/node.sh code FILE SHA256        fail fast unless FILE (the generated train_gpt.py that
+#                                           pgolf launch shipped) is there with exactly that sha256
 set -euo pipefail
 
 PHASES_FILE="${PGOLF_PHASES_FILE:-$HOME/.pgolf/phases.json}"
@@ -105,6 +107,16 @@ install() {
   fi
 }
 
+# --- the shipped train_gpt.py -----------------------------------------------------------------
+check_code() {
+  local file="$1" want="${2:-}" got
+  [[ -f "$file" ]] || die "$file is missing: pgolf launch generates it from your checkout and ships it with the workdir (plain sky launch: see the task's header)"
+  [[ -n "$want" ]] || die "CODE_SHA256 is empty: pass --env CODE_SHA256=<sha256 of $file> (pgolf launch sets it)"
+  got="$(sha256sum "$file" | cut -d' ' -f1)"
+  [[ "$got" == "$want" ]] || die "$file has sha256 $got, not CODE_SHA256=$want: it is not the file that was launched; relaunch with pgolf launch"
+  echo "node.sh: ok: $file, $(wc -c <"$file") B, sha256 $got (runs here and ships in a submission)"
+}
+
 # --- phases (for the cost estimate) -----------------------------------------------------------
 add_phase() {
   local name="$1" start="$2" now
@@ -135,7 +147,8 @@ main() {
     install) install "$@" ;;
     phase) add_phase "$@" ;;
     env) print_env ;;
-    *) die "usage: node.sh gpus COUNT [sxm|any] | install [--require-fa3|--cpu] | phase NAME START | env" ;;
+    code) check_code "$@" ;;
+    *) die "usage: node.sh gpus COUNT [sxm|any] | install [--require-fa3|--cpu] | phase NAME START | env | code FILE SHA256" ;;
   esac
 }
 

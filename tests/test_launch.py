@@ -4,6 +4,8 @@ SkyPilot API (the cloud is the one edge we cannot reach from a test).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pgolf import config as cfgmod
 from pgolf import launch as lib
 from pgolf.cli import main
 
@@ -19,19 +22,31 @@ RECORD = str(REPO / "sky" / "record.yaml")
 SECRET = "AKIA-SUPER-SECRET-VALUE-123"
 RUN_ID = re.compile(r"^seed-s(\d+)-\d{8}T\d{6}-[0-9a-f]{4}$")
 IMAGE = "ghcr.io/acme/pgolf:cu128-torch2.9.1-fa3-abc1234"
+CODE = "c" * 64  # a CODE_SHA256 value, for plans built without generating the file
 
 
 @pytest.fixture
-def cloud_env(sky_home, monkeypatch):
-    """A user's shell: temp HOME (sky writes ~/.sky), AWS keys, RESULTS_URI, a user name."""
+def cloud_env(sky_home, monkeypatch, tmp_path):
+    """A user's shell: temp HOME (sky writes ~/.sky), AWS keys, RESULTS_URI, a user name, and a
+    workdir whose sky/ is the repository's (so ship/train_gpt.py is written there, not in the repo)."""
     monkeypatch.setenv("HOME", str(sky_home))
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", SECRET)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET + "-2")
     monkeypatch.setenv("RESULTS_URI", "s3://acme-results/runs")
     monkeypatch.delenv("DATA_URI", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("TTT_LR", raising=False)
     monkeypatch.setenv("LOGNAME", "Ada.Lovelace")
-    monkeypatch.chdir(REPO)
+    workdir = tmp_path / "checkout"
+    workdir.mkdir()
+    (workdir / "sky").symlink_to(REPO / "sky")
+    monkeypatch.chdir(workdir)
+    return workdir
+
+
+def shipped_in(workdir: Path) -> tuple[int, str]:
+    data = (workdir / lib.SHIP_PATH).read_bytes()
+    return len(data), hashlib.sha256(data).hexdigest()
 
 
 # --- pure helpers ---------------------------------------------------------------------------------
@@ -81,7 +96,7 @@ def test_plan_requires_the_null_envs():
 
 
 def test_plan_reads_secrets_from_the_environment_and_masks_them():
-    plan = lib.plan_launch(RECORD, cluster="c", envs={"RESULTS_URI": "s3://b/r"},
+    plan = lib.plan_launch(RECORD, cluster="c", envs={"RESULTS_URI": "s3://b/r", "CODE_SHA256": CODE},
                            lookup={"AWS_ACCESS_KEY_ID": SECRET}.get)
     assert plan.secrets["AWS_ACCESS_KEY_ID"] == SECRET
     assert plan.missing_secrets == ["AWS_SECRET_ACCESS_KEY"]  # HF_TOKEN is optional ("")
@@ -89,27 +104,31 @@ def test_plan_reads_secrets_from_the_environment_and_masks_them():
     assert cfg["secrets"]["AWS_ACCESS_KEY_ID"] == lib.MASK
     assert SECRET not in str(cfg) and SECRET not in " ".join(lib.sky_command(plan))
     with pytest.raises(lib.LaunchError, match="not declared"):
-        lib.plan_launch(RECORD, cluster="c", envs={"RESULTS_URI": "s3://b/r"}, secrets={"GH_TOKEN": "x"})
+        lib.plan_launch(RECORD, cluster="c", envs={"RESULTS_URI": "s3://b/r", "CODE_SHA256": CODE},
+                        secrets={"GH_TOKEN": "x"})
 
 
 def test_image_override_sets_image_id_and_the_recorded_envs():
     digest = "sha256:" + "d" * 64
-    plan = lib.plan_launch(RECORD, cluster="c", envs={"RESULTS_URI": "s3://b/r"}, image=IMAGE,
-                           image_digest=digest, lookup=lambda n: "x")
+    plan = lib.plan_launch(RECORD, cluster="c", envs={"RESULTS_URI": "s3://b/r", "CODE_SHA256": CODE},
+                           image=IMAGE, image_digest=digest, lookup=lambda n: "x")
     assert plan.image_id == f"docker:{IMAGE}"
     assert plan.envs["IMAGE"] == IMAGE and plan.envs["IMAGE_DIGEST"] == digest
     assert lib.resolved_config(plan)["resources"]["image_id"] == f"docker:{IMAGE}"
 
 
 def test_sky_command_for_each_mode():
-    common = dict(envs={"RESULTS_URI": "s3://b/r", "SEED": "7"}, lookup=lambda n: "x")
+    common = dict(envs={"RESULTS_URI": "s3://b/r", "SEED": "7", "CODE_SHA256": CODE}, lookup=lambda n: "x")
     launch = lib.sky_command(lib.plan_launch(RECORD, cluster="c1", image=IMAGE, **common))
     assert launch == ["sky", "launch", "-y", "-c", "c1", RECORD, "--image-id", f"docker:{IMAGE}",
-                      "--env", "RESULTS_URI=s3://b/r", "--env", "SEED=7", "--env", f"IMAGE={IMAGE}",
+                      "--env", "RESULTS_URI=s3://b/r", "--env", "SEED=7", "--env", f"CODE_SHA256={CODE}",
+                      "--env", f"IMAGE={IMAGE}",
                       "--env", "IMAGE_DIGEST=", "--secret", "AWS_ACCESS_KEY_ID", "--secret",
                       "AWS_SECRET_ACCESS_KEY", "--secret", "HF_TOKEN", "-i", "10", "--down"]
     exec_ = lib.sky_command(lib.plan_launch(RECORD, mode="exec", cluster="c1", **common))
-    assert exec_ == ["sky", "exec", "c1", RECORD, "--env", "RESULTS_URI=s3://b/r", "--env", "SEED=7"]
+    assert exec_ == ["sky", "exec", "c1", RECORD, "--env", "RESULTS_URI=s3://b/r", "--env", "SEED=7",
+                     "--env", f"CODE_SHA256={CODE}"]
+    common["envs"].pop("CODE_SHA256")  # long.yaml runs the package (it resumes), no generated file
     jobs = lib.sky_command(lib.plan_launch(REPO / "sky" / "long.yaml", mode="jobs", cluster="j", num_nodes=4,
                                            **common))
     assert jobs[:7] == ["sky", "jobs", "launch", "-y", "-n", "j", str(REPO / "sky" / "long.yaml")]
@@ -136,6 +155,55 @@ def test_dry_run_prints_the_resolved_task_and_command(cloud_env, capsys):
     command = out.split("equivalent command:\n", 1)[1].strip()
     assert command.startswith("sky launch -y -c pgolf-ada-lovelace-s1337 sky/record.yaml --image-id")
     assert f"--env RUN_ID={run_id}" in command and "-i 10 --down" in command
+    # the generated file: written into the workdir, shown with its bytes and sha256, passed to the node
+    nbytes, sha = shipped_in(cloud_env)
+    assert out.startswith("# pgolf launch --dry-run: nothing was sent anywhere (wrote ship/train_gpt.py)")
+    assert f"code:      ship/train_gpt.py ({nbytes:,} B, sha256 {sha})" in out
+    assert f"  CODE_SHA256={sha}\n" in out and f"--env CODE_SHA256={sha}" in command
+    assert "ship/train_gpt.py" in out.split("run:\n", 1)[1]  # the run block runs that very file
+
+
+def test_the_shipped_file_is_the_bundle_of_the_tasks_config(cloud_env, capsys):
+    """The same bytes `pgolf submission build` ships for runs of this config: the preset, the YAML's
+    config envs and --env overrides embedded; the seed and launch plumbing not."""
+    from pgolf.submission import bundle as bundlemod
+
+    assert main(["launch", "--dry-run", "--no-check", "--seed", "5", "--preset", "tiny",
+                 "--env", "TTT_LR=2e-4", "--env", "MAX_WALLCLOCK_SECONDS=590"]) == 0
+    capsys.readouterr()
+    text = (cloud_env / lib.SHIP_PATH).read_text()
+    node_cfg = cfgmod.resolve("tiny", {"seed": "5", "ttt_lr": "2e-4", "max_wallclock_seconds": "590",
+                                       "run_id": "tiny-s5-x", "results_uri": "s3://acme-results/runs",
+                                       "data_path": "data/datasets/fineweb10B_sp1024",
+                                       "tokenizer_path": "data/tokenizers/fineweb_1024_bpe.model",
+                                       "image": "pytorch/pytorch:whatever"}, env={})
+    assert text == bundlemod.shipped_text(node_cfg)  # what a build from such a run would ship
+    defaults = bundlemod.extract_program(text).split("DEFAULTS=", 1)[1].split("\n", 1)[0]
+    assert "'ttt_lr':0.0002" in defaults and "'max_wallclock_seconds':590.0" in defaults
+    assert "'preset':'tiny'" in defaults and "'seed':1337" in defaults  # the preset's seed, not 5
+    assert "acme-results" not in text
+
+
+def test_a_record_launch_fails_on_missing_envs_before_generating_anything(cloud_env, monkeypatch, capsys):
+    monkeypatch.delenv("RESULTS_URI")
+    assert main(["launch", "--dry-run", "--no-check"]) == 2
+    assert capsys.readouterr().err.strip() == "error: record.yaml needs RESULTS_URI; pass --env RESULTS_URI=..."
+    assert not (cloud_env / lib.SHIP_PATH).exists()
+
+
+def test_the_shipped_file_syncs_with_the_workdir(cloud_env, capsys):
+    """SkyPilot's own exclusion logic (.skyignore wins over .gitignore): ship/ goes, data/ does not."""
+    from sky.data import storage_utils
+
+    assert main(["launch", "--dry-run", "--no-check"]) == 0
+    capsys.readouterr()
+    (cloud_env / ".skyignore").write_text((REPO / ".skyignore").read_text())
+    (cloud_env / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    (cloud_env / "data").mkdir()
+    (cloud_env / "data" / "shard.bin").write_bytes(b"x")
+    excluded = storage_utils.get_excluded_files(str(cloud_env))
+    assert "data" in excluded and not [p for p in excluded if p.startswith("ship")]
+    assert "/ship/" in (REPO / ".gitignore").read_text().splitlines()  # never committed
 
 
 def test_dry_run_of_three_seeds_launches_once_then_execs(cloud_env, capsys):
@@ -149,6 +217,8 @@ def test_dry_run_of_three_seeds_launches_once_then_execs(cloud_env, capsys):
         assert f"SEED={seed}" in plan and "sky exec pgolf-ada-lovelace-s1337 sky/record.yaml" in plan
     run_ids = re.findall(r"^  RUN_ID=(\S+)$", out, re.M)
     assert len(set(run_ids)) == 3
+    shas = re.findall(r"^  CODE_SHA256=(\S+)$", out, re.M)
+    assert shas == [shipped_in(cloud_env)[1]] * 3  # one file for every seed: the seed is not embedded
 
 
 def test_dry_run_refuses_a_record_that_breaks_the_rules(cloud_env, tmp_path, capsys):
@@ -156,13 +226,6 @@ def test_dry_run_refuses_a_record_that_breaks_the_rules(cloud_env, tmp_path, cap
     bad.write_text(Path(RECORD).read_text().replace("accelerators: H100-SXM:8", "accelerators: H100:8"))
     assert main(["launch", str(bad), "--dry-run"]) == 2
     assert "H100-SXM:8" in capsys.readouterr().err
-
-
-def test_missing_required_env_is_one_line_error(cloud_env, monkeypatch, capsys):
-    monkeypatch.delenv("RESULTS_URI")
-    assert main(["launch", "--dry-run", "--no-check"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: record.yaml needs RESULTS_URI; pass --env RESULTS_URI=..."]
 
 
 # --- a real launch, with SkyPilot's client API faked at the edge -------------------------------------
@@ -208,6 +271,7 @@ def fake_sky(cloud_env, monkeypatch):
     for name in ("launch", "exec", "stream_and_get", "tail_logs"):
         monkeypatch.setattr(sky, name, getattr(fake, name))
     monkeypatch.setattr(sky, "jobs", fake.jobs)
+    fake.workdir = cloud_env
     return fake
 
 
@@ -221,6 +285,8 @@ def test_launch_builds_the_task_streams_logs_and_says_how_to_get_results(fake_sk
     assert str(res.cloud) == "RunPod" and res.accelerators == {"H100-SXM": 8}
     assert res.image_id[None] == f"docker:{IMAGE}"
     assert task.envs["SEED"] == "42" and task.envs["IMAGE"] == IMAGE
+    nbytes, sha = shipped_in(fake_sky.workdir)
+    assert task.envs["CODE_SHA256"] == sha and f"runs ship/train_gpt.py: {nbytes:,} B, sha256 {sha}" in out
     assert task.envs["RESULTS_URI"] == "s3://acme-results/runs"
     assert task.secrets["AWS_ACCESS_KEY_ID"].get_secret_value() == SECRET
     assert f"make results RUN_ID={task.envs['RUN_ID']} RESULTS_URI=s3://acme-results/runs" in out

@@ -7,6 +7,8 @@ HOME points at a temp dir whenever sky is used here.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shlex
@@ -19,6 +21,7 @@ import pytest
 import yaml
 
 from pgolf import launch as lib
+from pgolf.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 SKY_DIR = REPO / "sky"
@@ -132,7 +135,7 @@ def test_offline_checks_can_fail(sky, tmp_path):
     """The same checks reject what the clouds would refuse: so the passing tests mean something."""
     cfg = load(SKY_DIR / "record.yaml")
     secrets = [(k, "x") for k in cfg["secrets"]]
-    envs = [("RESULTS_URI", "s3://b/r")]
+    envs = [("RESULTS_URI", "s3://b/r"), ("CODE_SHA256", "c" * 64)]
     multi = dict(cfg, num_nodes=2)  # RunPod has no multi-node
     with pytest.raises(lib.LaunchError, match="(?i)multi"):
         lib.validate_task(sky.Task.from_yaml_config(multi, env_overrides=envs, secrets_overrides=secrets))
@@ -143,7 +146,7 @@ def test_offline_checks_can_fail(sky, tmp_path):
     typo["runn"] = typo.pop("run")
     bad = tmp_path / "record.yaml"
     bad.write_text(yaml.safe_dump(typo))
-    plan = lib.plan_launch(bad, cluster="c", envs={"RESULTS_URI": "s3://b/r"}, lookup=lambda n: "x")
+    plan = lib.plan_launch(bad, cluster="c", envs=dict(envs), lookup=lambda n: "x")
     with pytest.raises(lib.LaunchError, match="runn"):
         lib.build_task(plan)
 
@@ -170,14 +173,16 @@ def test_data_yaml_is_cpu_only_and_pushes_to_the_bucket():
     assert "pgolf data push" in cfg["run"]
 
 
-def test_setup_checks_gpus_before_anything_else():
+def test_setup_checks_gpus_and_the_shipped_file_before_anything_else():
     for name, count, kind in (("record.yaml", 8, "sxm"), ("record-any.yaml", 8, "sxm"),
                               ("long.yaml", 8, "sxm"), ("dev.yaml", 1, "any")):
         lines = [ln.strip() for ln in load(SKY_DIR / name)["setup"].splitlines()]
         gpu = lines.index(f"bash sky/node.sh gpus {count} {kind}")
         install = next(i for i, ln in enumerate(lines) if "node.sh install" in ln)
         fetch = next(i for i, ln in enumerate(lines) if "pgolf data fetch" in ln)
+        code = next((i for i, ln in enumerate(lines) if "node.sh code" in ln), None)
         assert gpu < install < fetch, name
+        assert (code is not None) == (name in RECORD_TASKS) and (code is None or gpu < code < install), name
 
 
 # --- shell blocks ------------------------------------------------------------------------------
@@ -264,11 +269,44 @@ ALL_COMMANDS = [(p.name, block, argv) for p in YAMLS for block in ("setup", "run
                 for argv in pgolf_commands(load(p).get(block) or "", task_env(load(p)))]
 
 
+RECORD_TASKS = ("record.yaml", "record-any.yaml")
+
+
 def test_every_task_calls_pgolf():
     names = {name for name, _, _ in ALL_COMMANDS}
     assert names == {p.name for p in YAMLS}
-    runs = [argv for name, block, argv in ALL_COMMANDS if block == "run" and argv[:1] == ["run"]]
-    assert len(runs) == 4  # every GPU task runs the one `pgolf run`
+    runs = {name for name, block, argv in ALL_COMMANDS if block == "run" and argv[:1] == ["run"]}
+    assert runs == {"dev.yaml", "long.yaml"}  # development and resumable runs: the package
+    shipped = {name for name, block, argv in ALL_COMMANDS if block == "run" and argv[:2] == ["results", "sync"]}
+    assert shipped == set(RECORD_TASKS)  # records: the generated file (below)
+
+
+@pytest.mark.parametrize("name", RECORD_TASKS)
+def test_record_tasks_run_the_generated_file_pgolf_launch_ships(name):
+    """`pgolf results sync -- torchrun --standalone --nproc_per_node=N ship/train_gpt.py`, where the
+    path is the one `pgolf launch` writes and CODE_SHA256 is the env it fills."""
+    cfg = load(SKY_DIR / name)
+    assert lib.ships_code(cfg) and cfg["envs"][lib.CODE_ENV] is None  # required: a bare launch fails
+    (argv,) = [a for n, b, a in ALL_COMMANDS if n == name and b == "run" and a[:2] == ["results", "sync"]]
+    args = build_parser().parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    assert command == ["torchrun", "--standalone", "--nproc_per_node=8", str(lib.SHIP_PATH)]
+    check = f'bash sky/node.sh code {lib.SHIP_PATH} "${{{lib.CODE_ENV}}}"'
+    for block in ("setup", "run"):  # setup fails before data is fetched; run again after `sky exec` resyncs
+        assert check in [ln.strip() for ln in cfg[block].splitlines()], block
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+def test_the_headers_pgolf_commands_parse_with_the_real_cli(path):
+    lines = re.sub(r"\\\n#\s*", " ", path.read_text())  # join continued header lines
+    commands = [ln.split("pgolf ", 1)[1] for ln in lines.splitlines()
+                if ln.startswith("#") and re.search(r"(^#|:)\s+pgolf (launch|results)", ln)]
+    assert commands or path.name not in RECORD_TASKS, f"{path.name}: the header shows no pgolf command"
+    for command in commands:
+        argv = shlex.split(command)
+        assert callable(build_parser().parse_args(argv).func), command
+        if argv[0] == "launch":
+            assert argv[1] == f"sky/{path.name}"
 
 
 @pytest.mark.parametrize("name, block, argv", ALL_COMMANDS,
@@ -382,6 +420,68 @@ def test_phases_accumulate_into_json(tmp_path):
 def test_node_sh_rejects_unknown_verbs(tmp_path):
     proc = node(["launch-rockets"], fake_gpus(tmp_path, []))
     assert proc.returncode != 0 and "usage" in proc.stderr
+
+
+def test_node_refuses_a_missing_or_different_train_gpt(tmp_path):
+    env = fake_gpus(tmp_path, [])
+    f = tmp_path / "train_gpt.py"
+    f.write_text("print('generated')\n")
+    sha = hashlib.sha256(f.read_bytes()).hexdigest()
+    ok = node(["code", str(f), sha], env)
+    assert ok.returncode == 0 and f"{f.stat().st_size} B, sha256 {sha}" in ok.stdout
+    for args, why in (([str(tmp_path / "nope.py"), sha], "is missing: pgolf launch generates it"),
+                      ([str(f), ""], "CODE_SHA256 is empty"),
+                      ([str(f), "0" * 64], f"has sha256 {sha}, not CODE_SHA256=" + "0" * 64)):
+        proc = node(["code", *args], env)
+        assert proc.returncode != 0 and why in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# --- the record run block, executed: the generated file under torchrun, 2 gloo ranks on CPU --------
+
+
+@pytest.mark.slow
+def test_record_run_block_runs_the_shipped_file_and_a_build_accepts_the_run(tmp_path, monkeypatch, offline_data):
+    """What runs is what ships, end to end on CPU: `pgolf launch`'s generator writes ship/train_gpt.py,
+    record.yaml's own `run` block (node.sh code check, `pgolf results sync -- torchrun ...`) runs it on
+    2 gloo ranks into a file:// store, the run counts that file's bytes and records its sha256, and
+    `pgolf submission build` of the pulled run ships the very same file without --allow-code-drift."""
+    from pgolf.submission import build as buildmod
+
+    work = tmp_path / "sky_workdir"  # what SkyPilot syncs: the checkout's sky/ and the generated file
+    shutil.copytree(SKY_DIR, work / "sky")
+    monkeypatch.chdir(work)
+    data, store = Path(offline_data).resolve(), tmp_path / "store"
+    overrides = {"PRESET": "debug", "DATA_PATH": str(data), "TOKENIZER_PATH": str(data / "tokenizer.model"),
+                 "ITERATIONS": "3", "TRAIN_LOG_EVERY": "1", "EVAL_STRIDE": "64", "PASSTHROUGH_MAX_NUMEL": "1024",
+                 "MICRO_BATCH_SEQS": "16", "DEVICE": "cpu", "RESULTS_URI": f"file://{store}"}
+    shipped = lib.ship_code(work / "sky" / "record.yaml", overrides)
+    assert shipped.path == lib.SHIP_PATH and (work / lib.SHIP_PATH).stat().st_size == shipped.nbytes
+
+    cfg = load(SKY_DIR / "record.yaml")
+    env = {k: "" if v is None else str(v) for k, v in cfg["envs"].items()}
+    env.update(overrides, SEED="11", RUN_ID="rec-s11", CODE_SHA256=shipped.sha256, SKYPILOT_NUM_GPUS_PER_NODE="2", SKYPILOT_TASK_ID="sky-test_1",
+               HOME=str(tmp_path / "home"), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               OMP_NUM_THREADS="1", LC_ALL="C.UTF-8", SYNC_EVERY_SECONDS="5")
+    proc = subprocess.run(["bash", "-c", cfg["run"]], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert f"sha256 {shipped.sha256} (runs here and ships in a submission)" in proc.stdout
+
+    run = store / "rec-s11"
+    assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
+    environment = json.loads((run / "environment.json").read_text())
+    assert environment["code_sha256"] == shipped.sha256 and environment["world_size"] == 2
+    assert environment["code_file"].endswith(str(lib.SHIP_PATH)) and environment["code_form"] == "compressed"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["code_bytes"] == shipped.nbytes and summary["steps"] == 3
+    assert json.loads((run / "config.json").read_text())["run"]["results_uri"] == ""  # the wrapper syncs
+    log = (run / "train.log").read_text()
+    assert f"Code size: {shipped.nbytes} bytes (ship/train_gpt.py: the file this run executes" in log
+
+    result = buildmod.build(["rec-s11"], out=tmp_path / "rec", name="e2e", github_id="octocat", search=[store],
+                            allow_noncompliant=True)
+    assert not result.submission["code_drift"]
+    assert (result.out / "train_gpt.py").read_bytes() == (work / lib.SHIP_PATH).read_bytes()
 
 
 @pytest.mark.parametrize("path", [p for p in YAMLS if "IMAGE" in (load(p).get("envs") or {})], ids=lambda p: p.name)

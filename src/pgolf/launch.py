@@ -22,15 +22,22 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 from pgolf import config as cfgmod
 from pgolf.errors import PgolfError
+
+if TYPE_CHECKING:
+    from pgolf.submission.bundle import ShippedFile
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["launch", "exec", "jobs"]
 DEFAULT_YAML = "sky/record.yaml"
+# A task that declares CODE_ENV runs the generated single file: pgolf launch writes it to SHIP_PATH in
+# the task's workdir (synced to the node with it) and passes its sha256, which the node checks.
+SHIP_PATH = Path("ship/train_gpt.py")
+CODE_ENV = "CODE_SHA256"
 MASK = "****"
 _DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 # Accelerators that are 8 x H100 SXM: RunPod names SXM `H100-SXM`; the SXM clouds call it `H100`.
@@ -54,6 +61,7 @@ class LaunchPlan:
     retry_until_up: bool = False
     num_nodes: int | None = None
     config: dict[str, Any] = field(default_factory=dict, repr=False)  # the YAML as loaded
+    code: "ShippedFile | None" = None  # the train_gpt.py the node runs (tasks that declare CODE_SHA256)
 
     @property
     def run_id(self) -> str:
@@ -143,6 +151,50 @@ def check_env_names(envs: Mapping[str, str], yaml_envs: Mapping[str, Any]) -> No
             cfgmod.parse_value(key.lower(), value, types[key.lower()][1])
 
 
+def check_required_envs(yaml_path: str | Path, yaml_envs: Mapping[str, Any], overrides: Mapping[str, str],
+                        filled: tuple[str, ...] = ()) -> None:
+    """Every env the YAML leaves null has a value (or is one pgolf fills: `filled`)."""
+    missing = [k for k, v in yaml_envs.items() if v is None and not overrides.get(k) and k not in filled]
+    if missing:
+        flags = " ".join(f"--env {k}=..." for k in missing)
+        raise LaunchError(f"{Path(yaml_path).name} needs {', '.join(missing)}; pass {flags}")
+
+
+def ships_code(config: Mapping[str, Any]) -> bool:
+    """Does this task run the generated train_gpt.py (it declares CODE_SHA256)?"""
+    return CODE_ENV in (config.get("envs") or {})
+
+
+def task_run_config(config: Mapping[str, Any], overrides: Mapping[str, str]) -> cfgmod.Config:
+    """The config train_gpt.py resolves on the node: PRESET, then the task's config envs (YAML values
+    with the overrides on top), and nothing from this machine's environment."""
+    envs = {**{k: v for k, v in (config.get("envs") or {}).items() if v is not None}, **overrides}
+    types = cfgmod.field_types()
+    values = {k.lower(): str(v) for k, v in envs.items() if k.lower() in types}
+    return cfgmod.resolve(str(envs.get("PRESET") or "seed"), values, env={})
+
+
+def ship_code(yaml_path: str | Path, overrides: Mapping[str, str] | None = None) -> "ShippedFile":
+    """Generate train_gpt.py for the task's config into <workdir>/ship/ (synced with the workdir).
+
+    The same deterministic bundler as `pgolf submission build`, from this checkout: the node runs
+    these bytes, counts them as code bytes and records their sha256 in environment.json.
+    """
+    from pgolf.submission.bundle import BundleError, write_shipped
+
+    config = read_task_yaml(yaml_path)
+    overrides = {k.upper(): str(v) for k, v in (overrides or {}).items()}
+    check_env_names(overrides, dict(config.get("envs") or {}))
+    check_required_envs(yaml_path, dict(config.get("envs") or {}), overrides, filled=(CODE_ENV,))
+    workdir = config.get("workdir")
+    if not isinstance(workdir, str):
+        raise LaunchError(f"{Path(yaml_path).name} runs {SHIP_PATH} but has no local `workdir:` to ship it with")
+    try:
+        return write_shipped(task_run_config(config, overrides), Path(workdir) / SHIP_PATH)
+    except BundleError as exc:
+        raise LaunchError(f"cannot generate {SHIP_PATH}: {exc}") from None
+
+
 def plan_launch(
     yaml_path: str | Path,
     *,
@@ -156,6 +208,7 @@ def plan_launch(
     down: bool = True,
     retry_until_up: bool = False,
     num_nodes: int | None = None,
+    code: "ShippedFile | None" = None,
     lookup: Callable[[str], str] = cfgmod.env_flag,
 ) -> LaunchPlan:
     """Everything a launch needs, checked before any money is spent.
@@ -167,6 +220,8 @@ def plan_launch(
     yaml_envs: dict[str, Any] = dict(config.get("envs") or {})
     overrides = {k.upper(): str(v) for k, v in (envs or {}).items()}
     check_env_names(overrides, yaml_envs)
+    if code is not None and CODE_ENV in yaml_envs:
+        overrides[CODE_ENV] = code.sha256
     image_id = image_id_for(image) if image else None
     if image:
         overrides.setdefault("IMAGE", image_id[len("docker:"):])
@@ -174,10 +229,7 @@ def plan_launch(
     for name in ("IMAGE", "IMAGE_DIGEST"):  # only envs the task declares reach the node
         if name in overrides and name not in yaml_envs:
             overrides.pop(name)
-    missing_envs = [k for k, v in yaml_envs.items() if v is None and not overrides.get(k)]
-    if missing_envs:
-        flags = " ".join(f"--env {k}=..." for k in missing_envs)
-        raise LaunchError(f"{Path(yaml_path).name} needs {', '.join(missing_envs)}; pass {flags}")
+    check_required_envs(yaml_path, yaml_envs, overrides)
     given = dict(secrets or {})
     declared: dict[str, Any] = dict(config.get("secrets") or {})
     found: dict[str, str | None] = {}
@@ -188,7 +240,7 @@ def plan_launch(
     if unknown:
         raise LaunchError(f"secret(s) {', '.join(unknown)} are not declared in {Path(yaml_path).name}")
     return LaunchPlan(str(yaml_path), mode, cluster, overrides, found, image_id, idle_minutes,
-                      down, retry_until_up, num_nodes, config)
+                      down, retry_until_up, num_nodes, config, code)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,11 +305,18 @@ def sky_command(plan: LaunchPlan) -> list[str]:
 
 def render_dry_run(plan: LaunchPlan, validation: str) -> str:
     cfg = resolved_config(plan)
-    out = [f"# pgolf launch --dry-run: nothing was sent anywhere",
+    wrote = f" (wrote {plan.code.path})" if plan.code is not None else ""
+    out = [f"# pgolf launch --dry-run: nothing was sent anywhere{wrote}",
            f"task:      {plan.yaml_path} ({cfg.get('name', '?')})",
            f"mode:      {plan.mode}   {'job' if plan.mode == 'jobs' else 'cluster'}: {plan.cluster}"]
     for line in describe_resources(cfg.get("resources") or {}, int(cfg.get("num_nodes", 1))):
         out.append(f"resources: {line}")
+    if plan.code is not None:
+        c = plan.code
+        out.append(f"code:      {c.path} ({c.nbytes:,} B, sha256 {c.sha256})")
+        out.append(f"           generated now by the submission bundler ({c.form} form, preset {c.preset}, "
+                   f"commit {c.commit or 'unknown'}); the node checks this sha256, runs this file and "
+                   f"counts these bytes")
     if plan.mode == "launch":
         stop = f"{plan.idle_minutes} idle min" if plan.idle_minutes is not None else "off"
         out.append(f"autostop:  {stop}{', then tear down' if plan.down else ''}")

@@ -4,6 +4,10 @@
     pgolf launch --seeds 1337 42 2025          # one cluster: first seed launches, the rest `exec`
     pgolf launch --dry-run                     # resolved task + equivalent `sky` command, offline
 
+Record tasks (those declaring CODE_SHA256) run the generated train_gpt.py: it is written to
+ship/train_gpt.py in the workdir first (dry run included), shipped with the workdir, and its sha256
+is passed to the node, which refuses any other file.
+
 SkyPilot is imported inside the handler (and only for checks/launches), never at module level.
 """
 
@@ -18,7 +22,9 @@ from pgolf import config as cfgmod
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("launch", help="launch a sky/*.yaml task on the cloud (SkyPilot)",
                        description="Build a SkyPilot task from a sky/*.yaml with overrides; "
-                                   "--dry-run prints it and the equivalent `sky` command offline.")
+                                   "--dry-run prints it and the equivalent `sky` command offline. Record "
+                                   "tasks first generate ship/train_gpt.py (the file a submission ships), "
+                                   "which the node runs.")
     p.add_argument("task", nargs="?", default="sky/record.yaml", help="task YAML (default: %(default)s)")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=None, help="one seed (default: the YAML's SEED)")
@@ -80,7 +86,8 @@ def _run_id(preset: str, seed: int) -> str:
 def _launch(args: argparse.Namespace) -> int:
     from pgolf import launch as lib
 
-    yaml_envs = dict(lib.read_task_yaml(args.task).get("envs") or {})
+    task = lib.read_task_yaml(args.task)
+    yaml_envs = dict(task.get("envs") or {})
     seeds = _seeds(args, yaml_envs)
     if args.run_id and len(seeds) > 1:
         raise lib.LaunchError("--run-id names one run; drop it with --seeds (each seed gets its own)")
@@ -89,6 +96,8 @@ def _launch(args: argparse.Namespace) -> int:
     secrets = {name: value for name, _, value in (pair.partition("=") for pair in args.secret)}
     cluster = args.cluster or lib.cluster_name(getpass.getuser(), seeds[0])
     preset = base.get("PRESET") or str(yaml_envs.get("PRESET") or "seed")
+    # One train_gpt.py for every seed (the seed is not embedded): generated here, run on the node.
+    shipped = lib.ship_code(args.task, base) if lib.ships_code(task) else None
 
     plans = []
     for i, seed in enumerate(seeds):
@@ -102,7 +111,7 @@ def _launch(args: argparse.Namespace) -> int:
         plans.append(lib.plan_launch(
             args.task, mode=mode, cluster=name, envs=envs, secrets=secrets, image=args.image,
             image_digest=args.image_digest, idle_minutes=args.idle_minutes, down=not args.no_down,
-            retry_until_up=args.retry_until_up, num_nodes=args.num_nodes))
+            retry_until_up=args.retry_until_up, num_nodes=args.num_nodes, code=shipped))
 
     checked = "not checked (--no-check)"
     if not args.no_check:
@@ -121,6 +130,8 @@ def _launch(args: argparse.Namespace) -> int:
     for plan in plans:
         print(f">> {plan.mode} {plan.yaml_path} on {plan.cluster} (SEED={plan.envs.get('SEED')}, "
               f"RUN_ID={plan.run_id or 'auto'})", flush=True)
+        if plan.code is not None:
+            print(f"   runs {plan.code.path}: {plan.code.nbytes:,} B, sha256 {plan.code.sha256}", flush=True)
         code = lib.execute(plan)
         if code != 0:
             print(f"job failed with exit code {code}; logs: sky logs {plan.cluster}; "
