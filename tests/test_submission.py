@@ -7,6 +7,8 @@ with only the venv's site-packages on sys.path), then compares the two runs' sco
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
@@ -64,9 +66,17 @@ def write_json(path: Path, payload) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+@functools.lru_cache(maxsize=8)
+def shipped_sha256(cfg_json: str, form: str = "compressed") -> str:
+    """sha256 of the train_gpt.py a build (commit COMMIT) ships for runs of this config."""
+    text = bundlemod.shipped_text(cfgmod.from_dict(json.loads(cfg_json)), form, commit=COMMIT)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def fake_run(root: Path, run_id: str, seed: int, *, cfg: cfgmod.Config | None = None, val_bpb: float = 1.2,
-             model_bytes: int = 12_345, ok: bool = True) -> Path:
-    """A finished run folder as `pgolf run` writes it (no torch needed)."""
+             model_bytes: int = 12_345, ok: bool = True, code_form: str = "compressed") -> Path:
+    """A finished run folder as `pgolf launch` runs produce it (no torch needed): it ran the
+    train_gpt.py that a build at commit COMMIT ships."""
     cfg = (cfg or cfgmod.resolve("debug", env={})).with_overrides(seed=seed, run_id=run_id)
     d = root / run_id
     d.mkdir(parents=True)
@@ -83,7 +93,9 @@ def fake_run(root: Path, run_id: str, seed: int, *, cfg: cfgmod.Config | None = 
         "code_bytes": 200_000, "total_bytes": model_bytes + 200_000})
     write_json(d / "environment.json", {
         "gpu_names": ["NVIDIA H100 80GB HBM3"] * 8, "gpu_is_sxm": True, "torch": "2.9.1+cu128", "cuda": "12.8",
-        "flash_attn_3": "3.0.0b1", "python": "3.12.3", "git_commit": COMMIT, "world_size": 8})
+        "flash_attn_3": "3.0.0b1", "python": "3.12.3", "git_commit": COMMIT, "world_size": 8,
+        "code_form": code_form, "code_file": "/root/sky_workdir/ship/train_gpt.py",
+        "code_sha256": shipped_sha256(json.dumps(cfg.to_dict(), sort_keys=True), code_form)})
     write_json(d / "compliance.json", {
         "train_time": {"ok": True, "value": 598.2, "limit": 600.0, "how": "train clock"},
         "eval_time": {"ok": ok, "value": 455.1 if ok else 612.0, "limit": 600.0, "how": "eval clock"},
@@ -190,6 +202,22 @@ def test_raw_and_compressed_forms_import_and_resolve_identically(forms_dir):
     assert json.loads(outs["raw"]["config"])["preset"] == "debug"
 
 
+@pytest.mark.parametrize("env, says", [
+    ({"RESULTS_URI": "file:///tmp/nowhere"}, "train_gpt.py does not sync itself; run it as `pgolf results sync"),
+    ({"SEED": "abc"}, "SEED='abc' is not a valid int"),
+])
+def test_the_file_refuses_bad_settings_in_one_line_before_any_work(forms_dir, tmp_path, env, says):
+    """No CLI edge in the file, the same `error:` line and exit 2; a RESULTS_URI it cannot honour
+    (it carries no store code) is refused on every rank rather than silently not synced."""
+    shutil.copy(forms_dir / "compressed.py", tmp_path / "train_gpt.py")
+    proc = subprocess.run(isolated_cmd("train_gpt.py"), cwd=tmp_path, env=clean_env(**env), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and says in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_pgolf_is_not_importable_in_the_isolated_interpreter(tmp_path):
     proc = subprocess.run(isolated_cmd("-c", "import torch, numpy, sentencepiece\nimport pgolf"), cwd=tmp_path,
                           env=clean_env(), capture_output=True, text=True, timeout=300)
@@ -271,7 +299,7 @@ def test_shipped_code_bytes_predicts_the_build_for_any_seed(tmp_path):
 
 
 def test_raw_form_ships_the_raw_file(tmp_path):
-    three_runs(tmp_path / "runs")
+    three_runs(tmp_path / "runs", code_form="raw")
     result = do_build(tmp_path / "runs", tmp_path / "rec", code_form="raw")
     assert result.code_bytes == (result.out / "train_gpt.py").stat().st_size == result.code_bytes_raw
     assert "_add('pgolf.config', '''" in (result.out / "train_gpt.py").read_text()
@@ -307,7 +335,7 @@ def test_over_the_cap_fails_with_the_overage_named(tmp_path):
     fake_run(runs, "a", 1, model_bytes=model)
     fake_run(runs, "b", 2, model_bytes=model - 10_000)
     with pytest.raises(BudgetError) as err:
-        do_build(runs, tmp_path / "rec", ids=["a", "b"], code_form="raw")
+        do_build(runs, tmp_path / "rec", ids=["a", "b"], code_form="raw", allow_code_drift=True)
     m = re.fullmatch(r"seed 1: model ([\d,]+) \+ code ([\d,]+) = ([\d,]+) B, ([\d,]+) over the 16,000,000 cap",
                      str(err.value))
     assert m, str(err.value)
@@ -348,18 +376,40 @@ def test_bad_run_sets_are_refused(tmp_path):
         do_build(runs, tmp_path / "rec", ids=["c"])
 
 
-def test_runs_from_other_sources_are_refused(tmp_path):
+def test_runs_that_did_not_execute_the_shipped_file_are_refused_by_name(tmp_path, capsys):
     runs = tmp_path / "runs"
     fake_run(runs, "a", 1)
-    digest = bundlemod.source_digest(bundlemod.collect_modules())
-    env = json.loads((runs / "a" / "environment.json").read_text())
-    write_json(runs / "a" / "environment.json", {**env, "source_sha256": digest})
-    assert do_build(runs, tmp_path / "ok", ids=["a"]).submission["runs_source_sha256"] == digest
-    write_json(runs / "a" / "environment.json", {**env, "source_sha256": "f" * 64})
-    with pytest.raises(buildmod.SubmissionError, match="the package changed since the runs: a: ran sources ffff"):
-        do_build(runs, tmp_path / "rec", ids=["a"])
-    result = do_build(runs, tmp_path / "rec", ids=["a"], allow_code_drift=True)
-    assert result.submission["code_drift"] and "changed after these runs" in (result.out / "README.md").read_text()
+    fake_run(runs, "b", 2)
+    fake_run(runs, "c", 3)
+    result = do_build(runs, tmp_path / "ok", ids=["a", "b", "c"])
+    shipped = hashlib.sha256((result.out / "train_gpt.py").read_bytes()).hexdigest()
+    assert result.submission["code_sha256"] == shipped == result.submission["runs_code_sha256"]["a"]
+    assert f"records the sha256 of the file it executed, `{shipped}`" in (result.out / "README.md").read_text()
+    env_b = json.loads((runs / "b" / "environment.json").read_text())
+    write_json(runs / "b" / "environment.json", {**env_b, "code_form": "package", "code_file": None})
+    env_c = json.loads((runs / "c" / "environment.json").read_text())
+    write_json(runs / "c" / "environment.json", {**env_c, "code_sha256": "f" * 64, "source_sha256": "e" * 64})
+    with pytest.raises(buildmod.SubmissionError) as err:
+        do_build(runs, tmp_path / "rec", ids=["a", "b", "c"])
+    assert str(err.value) == (f"2 of 3 run(s) did not run the train_gpt.py this build ships (sha256 {shipped[:12]}): "
+                              "b ran the package, not a train_gpt.py; c ran ffffffffffff (its pgolf sources differ)")
+    assert not (tmp_path / "rec").exists()
+    rc = main(["submission", "build", "a", "b", "c", "--name", "x", "--github-id", "y", "--runs", str(runs),
+               "--out", str(tmp_path / "rec")])
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err_lines[0].startswith("error: 2 of 3 run(s)") and err_lines[1].startswith("hint:")
+    result = do_build(runs, tmp_path / "rec", ids=["a", "b", "c"], allow_code_drift=True)
+    readme = (result.out / "README.md").read_text()
+    assert result.submission["code_drift"] and "not produced by the shipped train_gpt.py" in readme
+
+
+def test_the_rebuilt_file_names_the_runs_commit_not_the_checkouts(tmp_path):
+    """Runs launched at commit C: a later commit that leaves the sources alone changes nothing."""
+    three_runs(tmp_path / "runs")
+    result = buildmod.build(["r0", "r1", "r2"], out=tmp_path / "rec", name="n", github_id="g",
+                            search=[tmp_path / "runs"])  # no commit given: taken from the runs
+    assert COMMIT in (result.out / "train_gpt.py").read_text().splitlines()[0]
+    assert not result.submission["code_drift"]
 
 
 def test_a_log_edited_after_the_run_is_refused(tmp_path):
@@ -437,7 +487,7 @@ def e2e(tmp_path_factory, offline_data) -> dict:
     pkg = run.pipeline(cfg, pkg_dir)
     rec = tmp / "records" / "2026-05-03_e2e"
     result = buildmod.build(["pkg-s7"], out=rec, name="e2e", github_id="octocat", search=[tmp / "runs"],
-                            allow_noncompliant=True)
+                            allow_noncompliant=True, allow_code_drift=True)  # a package run: not a record
     alone = tmp / "alone"
     alone.mkdir()
     shutil.copy(rec / "train_gpt.py", alone / "train_gpt.py")
@@ -468,4 +518,21 @@ def test_bundled_file_alone_reproduces_the_package_run(e2e):
 @pytest.mark.slow
 def test_bundled_run_counts_its_own_file_as_code_bytes(e2e):
     got = json.loads((e2e["bundle_dir"] / "summary.json").read_text())
-    assert got["code_bytes"] == (e2e["alone"] / "train_gpt.py").stat().st_size
+    shipped = (e2e["alone"] / "train_gpt.py").read_bytes()
+    assert got["code_bytes"] == len(shipped)
+    env = json.loads((e2e["bundle_dir"] / "environment.json").read_text())
+    assert env["code_sha256"] == hashlib.sha256(shipped).hexdigest() and env["code_form"] == "compressed"
+    pkg_env = json.loads((e2e["pkg_dir"] / "environment.json").read_text())
+    assert pkg_env["code_form"] == "package" and pkg_env["code_file"] is None
+    assert json.loads((e2e["pkg_dir"] / "summary.json").read_text())["code_bytes"] == len(shipped)  # would ship
+
+
+@pytest.mark.slow
+def test_a_run_of_the_file_is_packaged_without_any_allowance(e2e, tmp_path):
+    """The file-alone run executed the shipped file: the build accepts it and ships the same bytes."""
+    result = buildmod.build(["bundle-s7"], out=tmp_path / "rec", name="e2e", github_id="octocat",
+                            search=[e2e["alone"] / "runs"], allow_noncompliant=True)
+    assert not result.submission["code_drift"]
+    assert (result.out / "train_gpt.py").read_bytes() == (e2e["alone"] / "train_gpt.py").read_bytes()
+    log = (result.out / "train_seed7.log").read_text()
+    assert f"Code size: {result.code_bytes} bytes (" in log and "final val_loss:" in log

@@ -39,7 +39,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     b.add_argument("--allow-noncompliant", action="store_true",
                    help="build even if a run failed a compliance rule (non-record folder; listed in README)")
     b.add_argument("--allow-code-drift", action="store_true",
-                   help="build even if the runs recorded a different source digest than the code bundled now")
+                   help="build even if a run did not execute the train_gpt.py this build ships "
+                        "(sha256 in its environment.json): a non-record folder, the README says so")
     b.set_defaults(func=_build)
 
     s = sub.add_parser(

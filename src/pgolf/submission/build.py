@@ -8,12 +8,14 @@
       train_gpt.py       the generated single file (bundle.py), in the form that is counted
 
 Refuses (one line, nothing written): runs with mixed configs, duplicate seeds, unfinished runs, a
-failed compliance rule (unless allowed), and any seed whose model bytes + shipped code bytes exceed
-16,000,000. Deterministic: the same runs and options give the same bytes.
+failed compliance rule (unless allowed), runs that did not execute the very train_gpt.py it ships
+(sha256 recorded in each run's environment.json; unless allowed), and any seed whose model bytes +
+shipped code bytes exceed 16,000,000. Deterministic: the same runs and options give the same bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -155,22 +157,41 @@ def check_compliance(runs: Sequence[RunRecord]) -> list[str]:
     return failed
 
 
-def check_code_identity(runs: Sequence[RunRecord], bundle: bundlemod.Bundle) -> list[str]:
-    """Runs whose recorded source digest (environment.json `source_sha256`) differs from the code
-    being bundled: their logs were not produced by this train_gpt.py."""
+def check_code_identity(runs: Sequence[RunRecord], bundle: bundlemod.Bundle, code_form: str,
+                        code_sha256: str) -> list[str]:
+    """Runs that did not execute the train_gpt.py being shipped (environment.json `code_sha256` of
+    the file each run ran, as `pgolf launch` runs it): their logs were not produced by this file."""
     drift = []
     for run in runs:
-        recorded = run.environment.get("source_sha256")
-        if recorded and recorded != bundle.source_sha256:
-            drift.append(f"{run.run_id}: ran sources {recorded[:12]}, bundling {bundle.source_sha256[:12]}")
+        env = run.environment
+        ran = env.get("code_sha256") if env.get("code_file") else None
+        if ran == code_sha256:
+            continue
+        if ran is None:
+            drift.append(f"{run.run_id} ran the package, not a train_gpt.py")
+            continue
+        why = []
+        if env.get("source_sha256") and env["source_sha256"] != bundle.source_sha256:
+            why.append("its pgolf sources differ")
+        if env.get("code_form") and env["code_form"] != code_form:
+            why.append(f"it was the {env['code_form']} form")
+        reason = ", ".join(why) or "same sources and form: its embedded config, commit or python-minifier differ"
+        drift.append(f"{run.run_id} ran {ran[:12]} ({reason})")
     return drift
+
+
+def runs_commit(runs: Sequence[RunRecord]) -> str | None:
+    """The commit the runs' train_gpt.py was generated from, when they all ran one from the same
+    commit: the header of the rebuilt file names it, so a later unrelated commit does not change it."""
+    commits = {run.environment.get("git_commit") for run in runs if run.environment.get("code_file")}
+    return (commits.pop() or None) if len(commits) == 1 else None
 
 
 def submission_json(*, name: str, github_id: str, author: str | None, blurb: str, date: str,
                     runs: Sequence[RunRecord], seeds: list[dict[str, Any]], code_form: str,
                     code_bytes: int, code_raw: int, code_compressed: int | None,
                     bundle: bundlemod.Bundle, commit: str, failed_rules: list[str],
-                    drift: list[str]) -> dict[str, Any]:
+                    drift: list[str], code_sha256: str) -> dict[str, Any]:
     bpb_mean, bpb_std = _mean_std([r["val_bpb"] for r in seeds])
     loss_mean, loss_std = _mean_std([r["val_loss"] for r in seeds])
     return {
@@ -204,6 +225,9 @@ def submission_json(*, name: str, github_id: str, author: str | None, blurb: str
         "pgolf_source_sha256": bundle.source_sha256,
         "runs_git_commit": _one(_distinct(runs, "git_commit")),
         "runs_source_sha256": _one(_distinct(runs, "source_sha256")),
+        "code_sha256": code_sha256,
+        "runs_code_sha256": {run.run_id: run.environment.get("code_sha256") if run.environment.get("code_file")
+                             else None for run in runs},
         "code_drift": drift,
         "compliance_failures": failed_rules,
     }
@@ -228,15 +252,19 @@ def build(run_ids: Sequence[str], *, out: Path | None, name: str, github_id: str
         raise SubmissionError(f"compliance failed: {failed[0]}{more}",
                               hint="fix the runs, or pass --allow-noncompliant for a non-record folder")
 
-    commit = bundlemod.git_commit() if commit is None else commit
+    commit = (runs_commit(runs) or bundlemod.git_commit()) if commit is None else commit
     defaults = bundlemod.embedded_defaults(cfg)
     forms = ("raw", "compressed") if code_form == "compressed" or _minifier_available() else ("raw",)
     bundle = bundlemod.build_bundle(defaults, commit=commit, forms=forms)
-    drift = check_code_identity(runs, bundle)
-    if drift and not allow_code_drift:
-        raise SubmissionError(f"the package changed since the runs: {drift[0]}",
-                              hint="rebuild from the commit the runs used, or pass --allow-code-drift")
     code_text = bundle.text(code_form)
+    code_sha256 = hashlib.sha256(code_text.encode("utf-8")).hexdigest()
+    drift = check_code_identity(runs, bundle, code_form, code_sha256)
+    if drift and not allow_code_drift:
+        raise SubmissionError(
+            f"{len(drift)} of {len(runs)} run(s) did not run the train_gpt.py this build ships "
+            f"(sha256 {code_sha256[:12]}): {'; '.join(drift)}",
+            hint="records come from `pgolf launch` (the node runs the generated file); rebuild with the checkout "
+                 "and python-minifier they were launched from, or pass --allow-code-drift for a non-record folder")
     code_bytes = len(code_text.encode("utf-8"))
     code_raw = bundle.nbytes("raw")
     code_compressed = bundle.nbytes("compressed") if bundle.compressed else None
@@ -259,7 +287,7 @@ def build(run_ids: Sequence[str], *, out: Path | None, name: str, github_id: str
     sub = submission_json(name=name, github_id=github_id, author=author, blurb=blurb, date=date, runs=runs,
                           seeds=seeds, code_form=code_form, code_bytes=code_bytes, code_raw=code_raw,
                           code_compressed=code_compressed, bundle=bundle, commit=commit, failed_rules=failed,
-                          drift=drift)
+                          drift=drift, code_sha256=code_sha256)
     files["submission.json"] = (json.dumps(sub, indent=2) + "\n").encode()
     from pgolf.submission.readme import render_readme
 

@@ -122,7 +122,10 @@ def render_readme(sub: Mapping[str, Any], cfg: cfgmod.Config, defaults: Mapping[
                if sub.get("bytes_code_compressed") else "."),
             f"- Model: artifact.pgz, {_span([r['model_bytes'] for r in seeds])} B.",
             f"- Total per seed = model + shipped code; the largest is {sub['bytes_total']:,} B, "
-            f"{sub['size_cap_bytes'] - sub['bytes_total']:,} B under the cap.", ""]
+            f"{sub['size_cap_bytes'] - sub['bytes_total']:,} B under the cap.",
+            *([f"- Every `train_seed<S>.log` was written by this `train_gpt.py`: each run's environment.json "
+               f"records the sha256 of the file it executed, `{sub['code_sha256']}`, the shipped file's, and "
+               "its code-bytes line counts exactly these bytes."] if not sub.get("code_drift") else []), ""]
 
     out += ["## Compliance", ""]
     names = sorted({name for run in runs for name in run.compliance})
@@ -162,10 +165,12 @@ def render_readme(sub: Mapping[str, Any], cfg: cfgmod.Config, defaults: Mapping[
                  if env.get("train_shards") is not None else None),
                 ("runs' pgolf commit", sub["runs_git_commit"]), ("train_gpt.py generated from", sub["pgolf_commit"]),
                 ("embedded source sha256", sub["pgolf_source_sha256"]),
-                ("runs' source sha256", sub["runs_source_sha256"] or "not recorded (code identity unverified)")]
+                ("train_gpt.py sha256", sub["code_sha256"]),
+                ("runs executed", "this very file (sha256 above)" if not sub.get("code_drift")
+                 else "; ".join(sub["code_drift"]))]
     out += ["## Environment", ""] + _table(["", ""], [(k, _fmt(v)) for k, v in env_rows]) + [""]
     if sub.get("code_drift"):
-        out += ["**The package changed after these runs** (built with --allow-code-drift): "
+        out += ["**These logs were not produced by the shipped train_gpt.py** (built with --allow-code-drift): "
                 + "; ".join(sub["code_drift"]), ""]
 
     out += ["## The code", "",
