@@ -34,7 +34,7 @@ launch: venv ## launch one seed on 8 x H100 SXM (SEED=1337 IMAGE=... TASK=sky/re
 	@echo ">> launching $(TASK) with SEED=$(SEED) on cluster $(CLUSTER) (image: $(or $(IMAGE),the YAML's public image)); autostop+teardown after $(IDLE) idle min"
 	$(PGOLF) launch $(TASK) --seed $(SEED) --cluster $(CLUSTER) $(IMAGE_FLAGS) --idle-minutes $(IDLE) $(LAUNCH_FLAGS)
 
-launch-dry: venv ## print the resolved task and the equivalent sky command, offline
+launch-dry: venv ## write ship/train_gpt.py, print it, the resolved task and the equivalent sky command, offline
 	@echo ">> dry run of $(TASK) with SEED=$(SEED) on cluster $(CLUSTER): nothing is launched"
 	$(PGOLF) launch $(TASK) --seed $(SEED) --cluster $(CLUSTER) $(IMAGE_FLAGS) --idle-minutes $(IDLE) --dry-run $(LAUNCH_FLAGS)
 
