@@ -32,6 +32,15 @@ def offline_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def offline_caseops_data() -> Path:
+    """The offline corpus in CaseOps form (1024-piece operator-reserving tokenizer + val byte sidecar),
+    cached in data/offline-caseops."""
+    from pgolf.data.offline import prepare_offline
+
+    return prepare_offline(REPO / "data" / "offline-caseops", cache_dir=REPO / "data" / "cache", caseops=True)
+
+
+@pytest.fixture(scope="session")
 def sp1024_model() -> Path:
     """The challenge's real sp1024 tokenizer when it is present beside the checkout (never committed)."""
     path = REPO.parent / "shared" / "data" / "fineweb_1024_bpe.model"

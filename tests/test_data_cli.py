@@ -35,8 +35,9 @@ def test_offline_then_inspect_prints_a_sane_table(offline_data, capsys):
     assert rc == 0 and "offline dataset ready" in out
     rc, out, _ = run(capsys, "data", "inspect", str(offline_data))
     assert rc == 0
-    header, *rows = out.strip().splitlines()
+    header, *rows, leak = out.strip().splitlines()
     assert header.split() == ["split", "shards", "tokens", "bytes", "bytes/token"]
+    assert leak.startswith("leakage check (doc-hash: 100 val docs vs every doc of 3 train shards): 0 of 100")
     for row in rows:
         split, shards, tokens, nbytes, bpt = row.split()
         assert split in ("train", "val") and int(shards.replace(",", "")) >= 1
@@ -48,7 +49,8 @@ def test_inspect_json_counts_the_bpb_denominator(offline_data, capsys):
                      "--tokenizer", str(offline_data / "tokenizer.model"))
     assert rc == 0
     info = json.loads(out)
-    assert set(info) == {"train", "val"} and set(info["val"]) == {"shards", "tokens", "bytes"}
+    assert set(info) == {"train", "val", "leakage_check"} and set(info["val"]) == {"shards", "tokens", "bytes"}
+    assert info["leakage_check"]["ok"] is True and info["leakage_check"]["overlapping_docs"] == 0
     tokens = load_val_tokens(offline_data)
     assert info["val"]["tokens"] == tokens.size
     assert info["val"]["bytes"] == int(val_target_bytes(offline_data, tokens, offline_data / "tokenizer.model").sum())
@@ -58,8 +60,9 @@ def test_inspect_without_tokenizer_and_with_sidecar(tmp_path, capsys):
     write_shard(tmp_path / "fineweb_val_000000.bin", np.array([1, 5, 6, 7]))
     write_shard(tmp_path / "fineweb_train_000000.bin", np.array([1, 5, 6]))
     rc, out, _ = run(capsys, "data", "inspect", str(tmp_path), "--json")
-    assert rc == 0 and json.loads(out) == {"train": {"shards": 1, "tokens": 3, "bytes": None},
-                                          "val": {"shards": 1, "tokens": 4, "bytes": None}}
+    info = json.loads(out)
+    assert rc == 0 and info["train"] == {"shards": 1, "tokens": 3, "bytes": None}
+    assert info["val"] == {"shards": 1, "tokens": 4, "bytes": None}
     write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.array([0, 4, 2, 3]))
     rc, out, _ = run(capsys, "data", "inspect", str(tmp_path), "--json")
     assert json.loads(out)["val"]["bytes"] == 9

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +141,141 @@ def test_push_refuses_incomplete_folders(small_dataset, tmp_path):
     with pytest.raises(DataError, match="fineweb_val_000000.bin is missing or not"):
         push(small_dataset, f"file://{tmp_path / 's'}")
     assert not (tmp_path / "s").exists() or not any((tmp_path / "s").rglob("manifest.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# caseops8192: the canonical CaseOps export, from a local mirror laid out like its HF repository
+
+CASEOPS = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+CASEOPS_TOK = "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+
+
+@pytest.fixture(scope="module")
+def caseops_build(offline_data, tmp_path_factory):
+    """A small CaseOps dataset with an 8,192-piece operator-reserving tokenizer (as the real export)."""
+    from pgolf.data.build import build_dataset
+    import json
+
+    with open(offline_data / "docs.jsonl", encoding="utf-8") as fh:
+        docs = [json.loads(line)["text"] for _, line in zip(range(1500), fh)]
+    out = tmp_path_factory.mktemp("caseops") / "build"
+    build_dataset(docs, out, vocab_size=8192, val_docs=20, shard_tokens=200_000, caseops_transform=True)
+    return out
+
+
+def hf_tree(build, root):
+    """`root` laid out like romeerp/parameter-golf-caseops-v1: datasets/{manifest.json, datasets/<dir>/, tokenizers/}."""
+    import json
+
+    shards = root / "datasets" / "datasets" / CASEOPS
+    shards.mkdir(parents=True)
+    for p in build.glob("fineweb_*.bin"):
+        shutil.copy(p, shards / p.name)
+    (root / "datasets" / "tokenizers").mkdir()
+    shutil.copy(build / "tokenizer.model", root / "datasets" / "tokenizers" / CASEOPS_TOK)
+    (root / "datasets" / "manifest.json").write_text(json.dumps({"datasets": [{"name": CASEOPS}]}))
+    return root
+
+
+@pytest.fixture
+def canonical_small(caseops_build, monkeypatch):
+    """The canonical counts scaled to the small build (the checks are the same code)."""
+    from dataclasses import replace
+
+    from pgolf.data import leakage
+
+    docs, targets = leakage.val_stats(caseops_build, 64)
+    small = replace(leakage.CANONICAL["caseops8192"], train_shards=len(shard_paths(caseops_build, "train")),
+                    val_docs=docs, val_targets=targets, seq_len=64)
+    monkeypatch.setitem(leakage.CANONICAL, "caseops8192", small)
+    return small
+
+
+def test_caseops_fetch_from_a_mirror_of_the_hf_tree(caseops_build, canonical_small, tmp_path):
+    from pgolf.data.bpb import load_sidecar
+
+    mirror = hf_tree(caseops_build, tmp_path / "mirror")
+    tok = tmp_path / "tokenizers" / CASEOPS_TOK
+    got = fetch(tmp_path / "out", variant="caseops8192", train_shards=canonical_small.train_shards,
+                source=f"file://{mirror}", tokenizer_out=tok)
+    names = sorted(p.name for p in got.files)
+    assert names[:1] == [CASEOPS_TOK] and "fineweb_val_bytes_000000.bin" in names
+    assert len([n for n in names if n.startswith("fineweb_train_")]) == canonical_small.train_shards
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["variant"] == "caseops8192" and manifest["text_transform"] == "lossless_caps_caseops_v1"
+    assert manifest["splits"]["val_bytes"] == {"shards": 1, "tokens": manifest["splits"]["val"]["tokens"]}
+    leak = manifest["leakage_check"]
+    assert leak["ok"] and leak["overlapping_docs"] == 0 and leak["checked_docs"] == 20
+    assert leak["method"].endswith(f"every doc of {canonical_small.train_shards} train shards")
+    np.testing.assert_array_equal(load_sidecar(tmp_path / "out"), load_sidecar(caseops_build))
+    assert sha256_file(tok) == sha256_file(caseops_build / "tokenizer.model")
+
+
+def test_caseops_fetch_through_the_hf_code_path(caseops_build, canonical_small, tmp_path, monkeypatch):
+    """source=hf with only the network replaced: the repository listing and each file come from the mirror."""
+    from pgolf.data import fetch as F
+
+    mirror = hf_tree(caseops_build, tmp_path / "mirror")
+    listing = sorted(p.relative_to(mirror).as_posix() for p in mirror.rglob("*") if p.is_file())
+    asked: list[str] = []
+
+    def downloader(staging, repo_id):
+        assert repo_id == "romeerp/parameter-golf-caseops-v1"
+        return lambda remote, dest: (asked.append(remote.key), shutil.copyfile(mirror / remote.key, dest))
+
+    monkeypatch.setattr(F, "hf_list_files", lambda repo_id: listing)
+    monkeypatch.setattr(F, "hf_downloader", downloader)
+    got = fetch(tmp_path / "out", variant="caseops8192", train_shards=2)
+    assert f"datasets/tokenizers/{CASEOPS_TOK}" in asked and "datasets/manifest.json" in asked
+    assert f"datasets/datasets/{CASEOPS}/fineweb_val_bytes_000000.bin" in asked
+    assert sorted(k.rsplit("/", 1)[-1] for k in asked if "_train_" in k) == [
+        "fineweb_train_000000.bin", "fineweb_train_000001.bin"]
+    assert got.manifest["leakage_check"]["train_shards"] == 2 and got.manifest["source"] == "hf"
+    plan, available = F.hf_listing_plan(listing, F.variant_info("caseops8192"), 1)
+    assert available == canonical_small.train_shards and len(plan) == 5  # val, sidecar, 1 train, tokenizer, manifest
+
+
+def test_caseops_fetch_refuses_non_canonical_and_broken_exports(caseops_build, canonical_small, offline_data, tmp_path):
+    mirror = hf_tree(caseops_build, tmp_path / "mirror")
+    shards = mirror / "datasets" / "datasets" / CASEOPS
+    n = canonical_small.train_shards
+
+    def attempt(name):
+        with pytest.raises(DataError) as exc:
+            fetch(tmp_path / name, variant="caseops8192", train_shards=1, source=f"file://{mirror}")
+        assert "\n" not in str(exc.value) and not (tmp_path / name / "manifest.json").exists()
+        return str(exc.value)
+
+    shutil.copy(shards / "fineweb_train_000000.bin", shards / f"fineweb_train_{n:06d}.bin")  # a rebuilt export
+    assert f"the source holds {n + 1} train shards" in attempt("extra") and "train_shards: 1499" in attempt("extra")
+    (shards / f"fineweb_train_{n:06d}.bin").unlink()
+
+    val = read_shard(shards / "fineweb_val_000000.bin")
+    write_shard(shards / "fineweb_train_000000.bin", val)  # the val docs inside train (an 80-shard leaky build)
+    assert "20 of 20 validation documents (100.0%) are also train documents" in attempt("leaky")
+    shutil.copy(caseops_build / "fineweb_train_000000.bin", shards / "fineweb_train_000000.bin")
+
+    sidecar = read_shard(shards / "fineweb_val_bytes_000000.bin")
+    write_shard(shards / "fineweb_val_bytes_000000.bin", sidecar[:-1])
+    assert "not aligned 1:1" in attempt("short-sidecar")
+    bad = np.array(sidecar)
+    bad[0] = 5  # bytes on BOS
+    write_shard(shards / "fineweb_val_bytes_000000.bin", bad)
+    assert "entry 0 gives 5 bytes to token 1 (BOS" in attempt("bos-bytes")
+    (shards / "fineweb_val_bytes_000000.bin").unlink()
+    assert "no fineweb_val_bytes_*.bin sidecar" in attempt("no-sidecar")
+    write_shard(shards / "fineweb_val_bytes_000000.bin", sidecar)
+
+    tok = mirror / "datasets" / "tokenizers" / CASEOPS_TOK
+    shutil.copy(offline_data / "tokenizer.model", tok)  # a plain tokenizer under the CaseOps name
+    assert "has 1024 pieces, expected 8192" in attempt("plain-tok")
+
+
+def test_default_locations_follow_the_variant():
+    from pgolf import config as C
+    from pgolf.cli.data import default_locations
+
+    data = C.resolve("seed", env={}).data
+    assert default_locations(data, "sp1024") == (Path(data.data_path), Path(data.tokenizer_path))
+    assert default_locations(data, "caseops8192") == (
+        Path("data/datasets") / CASEOPS, Path("data/tokenizers") / CASEOPS_TOK)

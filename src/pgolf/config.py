@@ -29,6 +29,7 @@ class DataConfig:
     dataset_id: str = "willdepueoai/parameter-golf/fineweb10B_sp1024"  # recorded in environment.json
     data_uri: str = ""  # s3://… or file://… mirror holding staged shards (cloud runs)
     train_shards: int = 80  # how many train shards `data fetch` downloads (80 = the full 8B tokens)
+    data_variant: str = "sp1024"  # what `data fetch` gets by default: sp1024 | caseops8192 (CaseOps + byte sidecar)
 
 
 @dataclass(frozen=True)

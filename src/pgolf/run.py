@@ -26,6 +26,7 @@ from pgolf.runinfo import (
     CHALLENGE_TRAIN_SECONDS,
     bundle_info,
     collect_environment,
+    val_docs_in_training,
     val_shards_in_training,
 )
 
@@ -166,6 +167,7 @@ def write_summary(cfg: Config, run_dir: Path, trained: Any, calib_s: float, quan
         "total_bytes": q.get("total_bytes"),
         "compressor": q.get("compressor"),
         "val_shards_in_training": val_shards_in_training(cfg.data.data_path),
+        "leakage_check": val_docs_in_training(cfg.data.data_path),
         "phases_s": dict(phases),
         "cost_usd": cost.get("usd"),
         "cost": cost,
@@ -201,9 +203,11 @@ def check_compliance(cfg: Config, run_dir: Path, summary: Mapping[str, Any]) -> 
     scored, expected = evals.get("targets"), evals.get("expected_targets")
     rule("every_target_scored_once", scored, expected, scored is not None and scored == expected,
          "targets scored by the final pass == validation tokens - 1")
-    overlap = summary.get("val_shards_in_training")
-    rule("val_not_trained_on", overlap, 0, overlap == 0,
-         "validation shards the training stream and calibration could read (same path or same sha256)")
+    overlap, leak = summary.get("val_shards_in_training"), summary.get("leakage_check") or {}
+    rule("val_not_trained_on", leak.get("overlapping_docs"), leak.get("allowed_docs", 0),
+         overlap == 0 and leak.get("ok") is True,
+         f"val documents whose exact tokens are a train document ({leak.get('method') or leak.get('error')}); "
+         f"and {overlap} val shards the training stream and calibration could read (same path or sha256)")
     return rules
 
 

@@ -178,3 +178,15 @@ def val_shards_in_training(data_path: str) -> int:
     train_digests = {digest(p) for p in train}
     train_names = {p.resolve() for p in train}
     return sum(1 for p in val if p.resolve() in train_names or digest(p) in train_digests)
+
+
+def val_docs_in_training(data_path: str) -> dict[str, Any]:
+    """The dataset's document-level leakage check (pgolf.data.leakage.leakage_report): from its data
+    manifest when recorded there, else computed now; a failure to check is recorded, never raised."""
+    from pgolf.data.leakage import leakage_report
+    from pgolf.errors import PgolfError
+
+    try:
+        return leakage_report(data_path)
+    except PgolfError as exc:
+        return {"error": str(exc)}

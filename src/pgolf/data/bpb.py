@@ -10,7 +10,9 @@ space right after BOS/control ids is not counted (the document starts there). So
 
 with control / unknown / unused ids as zero-byte boundaries and byte-fallback pieces `<0xNN>` worth
 exactly one byte. Datasets whose text was transformed before tokenization (CaseOps) ship a per-token
-byte sidecar `fineweb_val_bytes_*.bin` instead; when present it is used and the tables are not built.
+byte sidecar `fineweb_val_bytes_*.bin` instead; when present it is used and the tables are not built,
+and a CaseOps tokenizer without one is an error: the tables would count the transformed text's bytes
+(operators included), which is not the challenge's metric (flagged in parameter-golf PR #2138).
 """
 
 from __future__ import annotations
@@ -109,7 +111,9 @@ def target_bytes(tokens: np.ndarray, tables: ByteTables) -> np.ndarray:
 
 def load_sidecar(data_dir: str | os.PathLike[str], split: str = "val") -> np.ndarray | None:
     """The per-token byte counts of a split (int32, aligned 1:1 with its tokens), or None if absent."""
-    paths = sidecar_paths(data_dir, split)  # type: ignore[arg-type]
+    from pgolf.data.verify import check_sidecar_alignment
+
+    paths = check_sidecar_alignment(data_dir) if split == "val" else sidecar_paths(data_dir, split)  # type: ignore[arg-type]
     if not paths:
         return None
     return np.concatenate([np.asarray(read_shard(p), dtype=np.int32) for p in paths])
@@ -131,7 +135,13 @@ def val_target_bytes(
         return sidecar[1:]
     if tokenizer_path is None:
         raise DataError(f"{data_dir} has no fineweb_val_bytes_*.bin sidecar; pass TOKENIZER_PATH for byte tables")
-    n_pieces = load_sentencepiece(tokenizer_path).vocab_size()
+    from pgolf.data.caseops import operator_ids
+
+    sp = load_sentencepiece(tokenizer_path)
+    if operator_ids(sp) is not None:
+        raise DataError(f"{data_dir}: {tokenizer_path} is a CaseOps tokenizer but the folder has no "
+                        "fineweb_val_bytes_*.bin sidecar; bpb must count original bytes: fetch or build it with one")
+    n_pieces = sp.vocab_size()
     top = int(np.max(tokens)) + 1 if len(tokens) else 0
     tables = ByteTables.from_sentencepiece(tokenizer_path, max(n_pieces, top))
     return target_bytes(tokens, tables)

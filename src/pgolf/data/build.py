@@ -3,12 +3,19 @@ challenge's settings (technique-spec §1.1) unless one is given, then write toke
 
 Layout written to `out_dir` (the same names the challenge's exporter uses):
     fineweb_val_NNNNNN.bin     the first `val_docs` documents
+    fineweb_val_bytes_NNNNNN.bin  with `caseops`: original bytes per val token, aligned 1:1
     fineweb_train_NNNNNN.bin   the rest
     tokenizer.model            the SentencePiece model
-    manifest.json              written last
+    manifest.json              written last (with the leakage check's result)
 
 Each document is stored as `[BOS=1] + tokens` (no EOS). Documents are encoded in batches straight
 into a fixed-size uint16 buffer, so memory stays flat however large the corpus is.
+
+With `caseops`, documents are CaseOps-transformed before training the tokenizer and encoding
+(pgolf.data.caseops); the tokenizer reserves the four operators as user-defined symbols and uses
+identity normalization without whitespace folding, so its tokens spell the transformed text exactly
+and the sidecar counts every original byte (each val document's sum is checked against its UTF-8
+length). A dataset whose val documents reappear in train is refused (pgolf.data.leakage).
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from pgolf import __version__
+from pgolf.data import caseops
 from pgolf.data.manifest import MANIFEST, file_entry, write_manifest
 from pgolf.fileio import sha256_file
 from pgolf.data.shards import write_shard
@@ -46,6 +54,14 @@ TRAINER_ARGS: dict[str, Any] = {
     "eos_id": 2,
     "unk_id": 3,
     "hard_vocab_limit": False,
+}
+# CaseOps: the operators are pieces of their own, and no normalization, so decode(encode(x)) == x
+# (NFKC or folded whitespace would make tokens stand for text that is not there; the sidecar could not be exact)
+CASEOPS_TRAINER_ARGS: dict[str, Any] = {
+    **TRAINER_ARGS,
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "user_defined_symbols": list(caseops.OPERATORS),
 }
 # SentencePiece's trainer silently drops input lines longer than max_sentence_length (4192 bytes).
 MAX_LINE_BYTES = 4000
@@ -157,8 +173,10 @@ def train_tokenizer(
     vocab_size: int = 1024,
     max_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES,
     num_threads: int | None = None,
+    trainer_args: dict[str, Any] | None = None,
 ) -> Path:
-    """Train a SentencePiece BPE model with the challenge's settings on up to max_train_bytes of text."""
+    """Train a SentencePiece BPE model with the challenge's settings (or `trainer_args`) on up to
+    max_train_bytes of text."""
     import sentencepiece as spm
 
     def limited() -> Iterator[str]:
@@ -178,7 +196,7 @@ def train_tokenizer(
             vocab_size=vocab_size,
             num_threads=num_threads or usable_cpus(),
             minloglevel=2,
-            **TRAINER_ARGS,
+            **(trainer_args or TRAINER_ARGS),
         )
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown error"
@@ -233,19 +251,32 @@ class ShardWriter:
         self.fill = 0
 
 
-def encode_docs(sp: Any, docs: Sequence[str], writer: ShardWriter, progress: Any = None) -> SplitStats:
-    """Encode docs in batches as [BOS] + tokens and stream them into the writer."""
+def encode_docs(sp: Any, docs: Sequence[str], writer: ShardWriter, progress: Any = None,
+                transform: Callable[[str], str] | None = None,
+                sidecar: tuple[ShardWriter, caseops.ByteTable] | None = None) -> SplitStats:
+    """Encode docs (through `transform`, if given) in batches as [BOS] + tokens into the writer. With
+    `sidecar`, each token's original bytes (BOS 0) go to the sidecar writer, which cuts its shards at
+    the same places as `writer`."""
     bos = sp.bos_id()
+    bos_array = np.array([bos], dtype=np.uint16)
+    zero = np.zeros(1, dtype=np.uint16)
     for start in range(0, len(docs), ENCODE_BATCH_DOCS):
         batch = docs[start : start + ENCODE_BATCH_DOCS]
-        encoded = sp.encode(list(batch), out_type=int, num_threads=usable_cpus())
-        bos_array = np.array([bos], dtype=np.uint16)
+        texts = [transform(d) for d in batch] if transform is not None else list(batch)
+        encoded = sp.encode(texts, out_type=int, num_threads=usable_cpus())
         parts = [part for ids in encoded for part in (bos_array, np.asarray(ids, dtype=np.uint16))]
         writer.add(np.concatenate(parts))
+        if sidecar is not None:
+            side_writer, table = sidecar
+            counts = [c for i, (doc, ids) in enumerate(zip(batch, encoded))
+                      for c in (zero, caseops.doc_sidecar(doc, ids, table, index=start + i))]
+            side_writer.add(np.concatenate(counts))
         writer.stats.docs += len(batch)
         if progress is not None:
             progress.update(sum(len(d) for d in batch))
     writer.flush()
+    if sidecar is not None:
+        sidecar[0].flush()
     return writer.stats
 
 
@@ -274,8 +305,11 @@ def build_dataset(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     tokenizer_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES,
     info: dict[str, Any] | None = None,
+    caseops_transform: bool = False,
 ) -> BuildResult:
-    """Tokenizer (trained on the train docs unless given) + val/train shards + manifest.json."""
+    """Tokenizer (trained on the train docs unless given) + val/train shards (+ the val byte sidecar
+    with `caseops_transform`) + the leakage check + manifest.json."""
+    from pgolf.data.leakage import check_leakage, require_no_leakage
     from tqdm import tqdm
 
     from pgolf.data.bpb import load_sentencepiece
@@ -291,9 +325,11 @@ def build_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     clear_dataset(out_dir)
     tok_path = out_dir / TOKENIZER_FILE
+    trainer_args = CASEOPS_TRAINER_ARGS if caseops_transform else TRAINER_ARGS
     if tokenizer is None:
         log.info("training a %d-piece SentencePiece BPE tokenizer on the train documents", vocab_size)
-        train_tokenizer(docs[val_docs:], tok_path, vocab_size, tokenizer_train_bytes)
+        train_docs = map(caseops.encode, docs[val_docs:]) if caseops_transform else docs[val_docs:]
+        train_tokenizer(train_docs, tok_path, vocab_size, tokenizer_train_bytes, trainer_args=trainer_args)
         trained = True
     else:
         if Path(tokenizer).resolve() != tok_path.resolve():
@@ -303,14 +339,21 @@ def build_dataset(
     sp = load_sentencepiece(tok_path)
     if sp.vocab_size() > 65_536:
         raise DataError(f"tokenizer {tokenizer} has {sp.vocab_size()} pieces; the uint16 shards hold at most 65,536")
+    sidecar = None
+    if caseops_transform:
+        sidecar = (ShardWriter(out_dir, "val_bytes", shard_tokens), caseops.ByteTable.from_sentencepiece(sp, str(tok_path)))
 
     total_chars = sum(len(d) for d in docs)
     with tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenizing", leave=False,
               disable=total_chars < 20_000_000) as bar:
-        val = encode_docs(sp, docs[:val_docs], ShardWriter(out_dir, "val", shard_tokens), bar)
-        train = encode_docs(sp, docs[val_docs:], ShardWriter(out_dir, "train", shard_tokens), bar)
+        transform = caseops.encode if caseops_transform else None
+        val = encode_docs(sp, docs[:val_docs], ShardWriter(out_dir, "val", shard_tokens), bar, transform, sidecar)
+        train = encode_docs(sp, docs[val_docs:], ShardWriter(out_dir, "train", shard_tokens), bar, transform)
+    leakage = check_leakage(out_dir)
+    require_no_leakage(leakage, out_dir)  # duplicated documents across the split: deduplicate the corpus
 
-    entries = [file_entry(p, out_dir) for p in [tok_path, *val.shards, *train.shards]]
+    sidecars = sidecar[0].stats.shards if sidecar else []
+    entries = [file_entry(p, out_dir) for p in [tok_path, *val.shards, *sidecars, *train.shards]]
     manifest = write_manifest(
         out_dir,
         entries,
@@ -320,9 +363,11 @@ def build_dataset(
             "sha256": sha256_file(tok_path),
             "vocab_size": sp.vocab_size(),
             "trained": trained,
-            "trainer_args": {**TRAINER_ARGS, "vocab_size": vocab_size} if trained else None,
+            "trainer_args": {**trainer_args, "vocab_size": vocab_size} if trained else None,
         },
         docs={"val": val.docs, "train": train.docs},
+        leakage_check=leakage.as_dict(),
+        **({"text_transform": caseops.TEXT_TRANSFORM} if caseops_transform else {}),
         **(info or {}),
     )
     log.info("built %s: val %d docs / %d tokens, train %d docs / %d tokens in %d shards",

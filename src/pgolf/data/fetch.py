@@ -11,6 +11,24 @@ Hugging Face layout (read from openai/parameter-golf `data/cached_challenge_fine
     datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin   val shards, numbered from 0
     datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin train shards, numbered from 0 (80 = 8B tokens)
     datasets/tokenizers/fineweb_1024_bpe.model              the tokenizer (path given by the manifest)
+The CaseOps variant `caseops8192` (technique-spec §1.2, §10) lives in another repository with the same
+tree, read from the #1729 record README (records/track_10min_16mb/2026-04-18_PR1626_CaseOps_Taper/, "the HF
+dataset repo contains the caseops tokenizer model / vocab, the exported train shards, the exported
+validation shard, the validation byte-sidecar shard, manifest.json"), the #1855 record README and the
+download commands of #1953/#2019 (`snapshot_download(repo_id="romeerp/parameter-golf-caseops-v1",
+allow_patterns=["datasets/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved/*",
+"datasets/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"])`):
+  repo `romeerp/parameter-golf-caseops-v1` (repo_type=dataset):
+    datasets/manifest.json                                     (docs_val 50,000; docs_train 8,181,945)
+    datasets/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved/fineweb_train_NNNNNN.bin   80
+    datasets/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved/fineweb_val_000000.bin
+    datasets/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved/fineweb_val_bytes_000000.bin
+    datasets/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model
+Its files are planned from the repository listing (whether its manifest counts the sidecar among the
+val files is not documented), and after the download the folder is verified: shard headers, sidecars
+aligned 1:1 with the val shards, an 8,192-piece tokenizer reserving the four operators, the canonical
+counts and the document-level leakage check (pgolf.data.leakage).
+
 A mirror is a store URI holding either what `pgolf data push` writes (`<uri>/<dataset>/{shards,
 *.model, manifest.json}`) or a copy of the HF tree (`<uri>/datasets/<dataset>/...` and
 `<uri>/tokenizers/*.model`).
@@ -32,6 +50,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pgolf import __version__
+from pgolf.data.caseops import TEXT_TRANSFORM
 from pgolf.data.manifest import file_entry, write_manifest
 from pgolf.data.shards import read_header
 from pgolf.errors import DataError
@@ -40,6 +59,25 @@ log = logging.getLogger(__name__)
 
 HF_REPO_ID = "willdepueoai/parameter-golf"
 HF_ROOT = "datasets"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What `--variant NAME` fetches: where, which folder, which tokenizer, what to verify."""
+
+    name: str
+    repo_id: str
+    dataset: str  # folder under datasets/datasets/ (and the default local folder name)
+    tokenizer: str | None  # file under datasets/tokenizers/; None: named by the HF manifest
+    vocab_size: int | None
+    caseops: bool = False  # operators reserved in the tokenizer, val byte sidecar required
+
+
+VARIANTS = {
+    "caseops8192": Variant("caseops8192", "romeerp/parameter-golf-caseops-v1",
+                           "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+                           "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", 8192, caseops=True),
+}
 
 
 @dataclass(frozen=True)
@@ -56,13 +94,24 @@ class FetchResult:
     tokenizer: Path | None
     downloaded: int
     manifest: dict[str, Any]
+    leakage: dict[str, Any]
+
+
+def variant_info(variant: str) -> Variant:
+    """`caseops8192`, or the challenge's own `sp<VOCAB>` / `byte260` in willdepueoai/parameter-golf."""
+    if variant in VARIANTS:
+        return VARIANTS[variant]
+    if variant.startswith("sp") and variant[2:].isdigit():
+        vocab = int(variant[2:])
+        return Variant(variant, HF_REPO_ID, f"fineweb10B_{variant}", f"fineweb_{vocab}_bpe.model", vocab)
+    if variant == "byte260":
+        return Variant(variant, HF_REPO_ID, "fineweb10B_byte260", None, 260)
+    raise DataError(f"unknown variant {variant!r}; use sp<VOCAB> (e.g. sp1024), byte260 or {', '.join(VARIANTS)}")
 
 
 def dataset_dir_for_variant(variant: str) -> str:
-    """`sp1024` -> `fineweb10B_sp1024`, `byte260` -> `fineweb10B_byte260` (the challenge's names)."""
-    if variant == "byte260" or (variant.startswith("sp") and variant[2:].isdigit()):
-        return f"fineweb10B_{variant}"
-    raise DataError(f"unknown variant {variant!r}; use sp<VOCAB> (e.g. sp1024) or byte260")
+    """`sp1024` -> `fineweb10B_sp1024`, `caseops8192` -> `fineweb10B_sp8192_lossless_caps_caseops_v1_reserved`."""
+    return variant_info(variant).dataset
 
 
 def shard_index_ok(name: str, split: str, train_shards: int) -> bool:
@@ -102,9 +151,31 @@ def hf_plan(manifest: dict[str, Any], variant: str, train_shards: int) -> list[R
     return files
 
 
-def store_plan(store: Any, dataset: str, variant: str, train_shards: int) -> list[RemoteFile]:
-    """Files of `dataset` in a store, as `push` lays them out or as a copy of the HF tree."""
-    vocab = variant[2:] if variant.startswith("sp") else None
+def hf_listing_plan(listing: list[str], spec: Variant, train_shards: int) -> tuple[list[RemoteFile], int]:
+    """(files to get, train shards available) from a repository file listing, for `spec`'s folder:
+    every val shard and byte sidecar, the first train_shards train shards, the tokenizer, the manifest."""
+    prefix = f"{HF_ROOT}/datasets/{spec.dataset}/"
+    names = sorted(k[len(prefix):] for k in listing if k.startswith(prefix) and "/" not in k[len(prefix):])
+    if not any(n.endswith(".bin") for n in names):
+        raise DataError(f"{spec.repo_id} has no shards under {prefix}; check --variant or use --source with a mirror")
+    available = sum(shard_index_ok(n, "train", 1 << 30) for n in names)
+    if train_shards > available:
+        raise DataError(f"{spec.dataset} has {available} train shards on {spec.repo_id}, asked for {train_shards}; "
+                        "lower --train-shards")
+    picked = [n for n in names if shard_index_ok(n, "val", 0) or shard_index_ok(n, "train", train_shards)]
+    files = [RemoteFile(prefix + n, n) for n in picked]
+    tokenizer = f"{HF_ROOT}/tokenizers/{spec.tokenizer}"
+    if tokenizer not in listing:
+        raise DataError(f"{spec.repo_id} has no {tokenizer}; the export changed: use --source with a mirror")
+    files.append(RemoteFile(tokenizer, Path(tokenizer).name))
+    if f"{HF_ROOT}/manifest.json" in listing:
+        files.append(RemoteFile(f"{HF_ROOT}/manifest.json", "hf_manifest.json"))
+    return files, available
+
+
+def store_plan(store: Any, dataset: str, spec: Variant, train_shards: int) -> tuple[list[RemoteFile], int]:
+    """(files, train shards available) of `dataset` in a store, as `push` lays them out or as a copy
+    of the HF tree (whose tokenizers sit in tokenizers/ beside datasets/)."""
     for prefix in (f"{dataset}/", f"{HF_ROOT}/{dataset}/", f"{HF_ROOT}/{HF_ROOT}/{dataset}/"):
         infos = [i for i in store.list(prefix) if "/" not in i.key[len(prefix):]]
         if any(i.key.endswith(".bin") for i in infos):
@@ -117,14 +188,13 @@ def store_plan(store: Any, dataset: str, variant: str, train_shards: int) -> lis
     if available < train_shards:
         raise DataError(f"{store.uri}/{prefix} holds {available} train shards, asked for {train_shards}; lower --train-shards")
     tokenizers = [f for f in files if f.name.endswith(".model")]
-    if not tokenizers:  # the HF tree keeps tokenizers beside the datasets
+    if not tokenizers and spec.tokenizer:  # the HF tree keeps tokenizers beside the datasets
         root = prefix[: -len(f"datasets/{dataset}/")] if prefix.endswith(f"datasets/{dataset}/") else ""
-        want = f"fineweb_{vocab}_bpe.model" if vocab else None
         tokenizers = [RemoteFile(i.key, i.key.rsplit("/", 1)[-1], i.size)
-                      for i in store.list(f"{root}tokenizers/") if want and i.key.endswith("/" + want)]
+                      for i in store.list(f"{root}tokenizers/") if i.key.endswith("/" + spec.tokenizer)]
     picked += tokenizers[:1]
     manifest = [f for f in files if f.name == "manifest.json"]
-    return picked + manifest
+    return picked + manifest, available
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +213,20 @@ def already_have(path: Path, remote: RemoteFile) -> bool:
     return True
 
 
-def hf_downloader(staging: Path) -> Callable[[RemoteFile, Path], None]:
+def hf_list_files(repo_id: str) -> list[str]:
+    """Every file path in a Hugging Face dataset repository (one API call)."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise DataError("huggingface_hub is not installed; `pip install 'pgolf[hub]'` or use --source file://|s3://") from None
+    try:
+        return list(HfApi().list_repo_files(repo_id, repo_type="dataset"))
+    except Exception as exc:  # network, auth, 404: one line
+        raise DataError(f"listing {repo_id} failed ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); check the network or use --source") from None
+
+
+def hf_downloader(staging: Path, repo_id: str = HF_REPO_ID) -> Callable[[RemoteFile, Path], None]:
     """Download one HF repo file into `dest` (huggingface_hub resumes partial files in staging)."""
     try:
         from huggingface_hub import hf_hub_download
@@ -152,9 +235,9 @@ def hf_downloader(staging: Path) -> Callable[[RemoteFile, Path], None]:
 
     def get(remote: RemoteFile, dest: Path) -> None:
         try:
-            local = hf_hub_download(repo_id=HF_REPO_ID, filename=remote.key, repo_type="dataset", local_dir=staging)
+            local = hf_hub_download(repo_id=repo_id, filename=remote.key, repo_type="dataset", local_dir=staging)
         except Exception as exc:  # network, auth, 404: one line, the file named
-            raise DataError(f"download of {HF_REPO_ID}/{remote.key} failed ({type(exc).__name__}: "
+            raise DataError(f"download of {repo_id}/{remote.key} failed ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}); check the network or use --source") from None
         os.replace(local, dest)
 
@@ -192,24 +275,33 @@ def fetch(
     dataset: str | None = None,
     tokenizer_out: str | os.PathLike[str] | None = None,
     workers: int = 8,
+    leak_sample_shards: int = 0,
 ) -> FetchResult:
-    """Get val + the first `train_shards` train shards + the tokenizer into out_dir; verify; manifest."""
+    """Get val (+ sidecars) + the first `train_shards` train shards + the tokenizer into out_dir; verify
+    (headers, sidecars, tokenizer, canonical counts, leakage: pgolf.data.verify); manifest last."""
+    from pgolf.data.verify import verify_dataset
+
     if train_shards < 0:
         raise DataError(f"--train-shards {train_shards} must be >= 0")
+    spec = variant_info(variant)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = dataset or dataset_dir_for_variant(variant)
-    if source == "hf":
-        staging = out_dir / ".hf"
-        get = hf_downloader(staging)
+    dataset = dataset or spec.dataset
+    if source == "hf" and spec.repo_id != HF_REPO_ID:
+        get = hf_downloader(out_dir / ".hf", spec.repo_id)
+        files, available = hf_listing_plan(hf_list_files(spec.repo_id), spec, train_shards)
+    elif source == "hf":
+        get = hf_downloader(out_dir / ".hf")
         hf_manifest_path = out_dir / "hf_manifest.json"
         get(RemoteFile(f"{HF_ROOT}/manifest.json", "hf_manifest.json"), hf_manifest_path)
         files = hf_plan(json.loads(hf_manifest_path.read_text(encoding="utf-8")), variant, train_shards)
+        available = None
     elif source.startswith(("file:", "s3://")):
         from pgolf.store import open_store
 
         store = open_store(source)
-        files = [f for f in store_plan(store, dataset, variant, train_shards) if f.name != "manifest.json"]
+        files, available = store_plan(store, dataset, spec, train_shards)
+        files = [f for f in files if f.name != "manifest.json"]
         get = store_downloader(store)
     else:
         raise DataError(f"unknown --source {source!r}; use hf, file:///abs/dir or s3://bucket/prefix")
@@ -229,6 +321,8 @@ def fetch(
     tokenizer = next((p for p in paths if p.suffix == ".model"), None)
     if tokenizer is None:
         raise DataError(f"no tokenizer (*.model) found for {dataset} at {source}; stage it beside the shards")
+    leakage = verify_dataset(out_dir, tokenizer, variant=variant, train_shards_available=available,
+                             leak_sample_shards=leak_sample_shards)
     if tokenizer_out is not None and Path(tokenizer_out).resolve() != tokenizer.resolve():
         Path(tokenizer_out).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tokenizer, tokenizer_out)
@@ -236,6 +330,9 @@ def fetch(
 
     entries = [file_entry(p, out_dir) for p in tqdm(paths, desc="sha256", unit="file", leave=False,
                                                     disable=sum(p.stat().st_size for p in paths) < 500_000_000)]
+    info = {"text_transform": TEXT_TRANSFORM} if spec.caseops else {}
     manifest = write_manifest(out_dir, entries, dataset=dataset, variant=variant, source=source,
-                              tokenizer={"file": tokenizer.name}, created_by=f"pgolf {__version__}")
-    return FetchResult(out_dir=out_dir, files=paths, tokenizer=tokenizer, downloaded=fetched, manifest=manifest)
+                              tokenizer={"file": tokenizer.name}, created_by=f"pgolf {__version__}",
+                              leakage_check=leakage.as_dict(), **info)
+    return FetchResult(out_dir=out_dir, files=paths, tokenizer=tokenizer, downloaded=fetched, manifest=manifest,
+                       leakage=leakage.as_dict())

@@ -2,7 +2,9 @@
 
 `bytes` for a split is exactly what `val_bpb` would divide by if that split were scored: the sum of
 target bytes over the split's concatenated stream (every token but the first is a target), from the
-per-token sidecar when the split has one, else from the tokenizer's byte tables (spec §1.5).
+per-token sidecar when the split has one, else from the tokenizer's byte tables (spec §1.5). A CaseOps
+tokenizer's tables would count transformed bytes, so a CaseOps split without a sidecar shows no bytes.
+`data inspect` also runs pgolf.data.verify (sidecars, CaseOps tokenizer, canonical counts, leakage).
 """
 
 from __future__ import annotations
@@ -72,8 +74,11 @@ def inspect_dir(data_dir: str | os.PathLike[str], tokenizer: str | os.PathLike[s
     tok = Path(tokenizer) if tokenizer else find_tokenizer(data_dir)
     tables = None
     if tok is not None:
-        n = load_sentencepiece(tok).vocab_size()
-        tables = ByteTables.from_sentencepiece(tok, max(n, 65_536))  # ids past the tokenizer: 0 bytes
+        from pgolf.data.caseops import operator_ids
+
+        sp = load_sentencepiece(tok)
+        if operator_ids(sp) is None:  # ids past the tokenizer: 0 bytes
+            tables = ByteTables.from_sentencepiece(tok, max(sp.vocab_size(), 65_536))
     out: dict[str, SplitInfo] = {}
     for split in ("train", "val"):
         try:

