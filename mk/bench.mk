@@ -22,3 +22,8 @@ bench: venv ## CPU benchmark: throughput, quality A/B, quantizer, eval rates, de
 gpu-check: ## one GPU: seed/seed-plus step time, MFU, memory, eval/TTT rates, 8xH100 projections -> bench/gpu/
 	@echo ">> gpu-check with $(GPU_PYTHON) (no venv, no network): full-size seed and seed-plus, 48x2048 micro-batches, <= ~5 min"
 	PYTHONPATH=src $(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+.PHONY: bench-data
+bench-data: venv ## data figures: CaseOps speed, sidecar, leakage check s/GB, bytes/token -> bench/results/data-*
+	@echo ">> data bench$(if $(BENCH_QUICK), (quick)): CaseOps transform + sidecar on the offline corpus, leakage check on a synthetic export"
+	$(VPY) bench/data.py $(if $(BENCH_QUICK),--quick) $(BENCH_DATA_ARGS)

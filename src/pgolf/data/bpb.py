@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pgolf.data.shards import read_shard, sidecar_paths
+from pgolf.data.shards import read_header, read_shard, shard_paths, sidecar_paths
 from pgolf.errors import DataError
 
 SPACE_MARK = "\u2581"  # "▁"
@@ -109,10 +109,24 @@ def target_bytes(tokens: np.ndarray, tables: ByteTables) -> np.ndarray:
     return (tables.base_bytes[tgt] + extra).astype(np.int32)
 
 
+def check_sidecar_alignment(data_dir: str | os.PathLike[str]) -> list[Path]:
+    """The val byte sidecars, each as long as its val shard (or [] when the folder has none)."""
+    sidecars = sidecar_paths(data_dir, "val")
+    if not sidecars:
+        return []
+    shards = shard_paths(data_dir, "val")
+    if [p.name.replace("_bytes_", "_") for p in sidecars] != [p.name for p in shards]:
+        raise DataError(f"{data_dir}: {len(sidecars)} byte sidecars for {len(shards)} val shards "
+                        f"({sidecars[0].name} ... vs {shards[0].name} ...); re-fetch both from the same export")
+    for sidecar, shard in zip(sidecars, shards):
+        if read_header(sidecar) != read_header(shard):
+            raise DataError(f"{sidecar}: {read_header(sidecar):,} byte entries for {read_header(shard):,} tokens in "
+                            f"{shard.name}; the sidecar is not aligned 1:1, re-fetch both from the same export")
+    return sidecars
+
+
 def load_sidecar(data_dir: str | os.PathLike[str], split: str = "val") -> np.ndarray | None:
     """The per-token byte counts of a split (int32, aligned 1:1 with its tokens), or None if absent."""
-    from pgolf.data.verify import check_sidecar_alignment
-
     paths = check_sidecar_alignment(data_dir) if split == "val" else sidecar_paths(data_dir, split)  # type: ignore[arg-type]
     if not paths:
         return None

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from pgolf import __version__
-from pgolf.data import caseops
+from pgolf.data import caseops, usable_cpus
 from pgolf.data.manifest import MANIFEST, file_entry, write_manifest
 from pgolf.fileio import sha256_file
 from pgolf.data.shards import write_shard
@@ -71,14 +71,6 @@ DEFAULT_TOKENIZER_TRAIN_BYTES = 20_000_000  # ~1 s of training on 2 cores at voc
 ENCODE_BATCH_DOCS = 256
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (os.cpu_count() reports the host's, even under a cgroup/affinity)."""
-    try:
-        return max(1, min(len(os.sched_getaffinity(0)), 16))
-    except AttributeError:  # macOS
-        return max(1, min(os.cpu_count() or 1, 16))
 
 
 # ---------------------------------------------------------------------------------------------

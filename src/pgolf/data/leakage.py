@@ -251,7 +251,7 @@ def check_leakage(data_dir: str | os.PathLike[str], sample_shards: int = 0, work
                   max_overlap_fraction: float = MAX_OVERLAP_FRACTION) -> LeakReport:
     """Hash every val document and every train document (of `sample_shards` evenly spaced train shards
     when > 0) and count the val documents found in train, confirmed token by token."""
-    from pgolf.data.build import usable_cpus
+    from pgolf.data import usable_cpus
 
     started = time.perf_counter()
     data_dir = Path(data_dir)

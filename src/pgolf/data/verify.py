@@ -28,26 +28,9 @@ from pgolf.data.leakage import (
     check_leakage,
     require_no_leakage,
 )
-from pgolf.data.shards import read_shard, shard_paths, sidecar_paths
+from pgolf.data.bpb import check_sidecar_alignment
+from pgolf.data.shards import read_shard, shard_paths
 from pgolf.errors import DataError
-
-
-def check_sidecar_alignment(data_dir: str | os.PathLike[str]) -> list[Path]:
-    """The val byte sidecars, each as long as its val shard (or [] when the folder has none)."""
-    from pgolf.data.shards import read_header
-
-    sidecars = sidecar_paths(data_dir, "val")
-    if not sidecars:
-        return []
-    shards = shard_paths(data_dir, "val")
-    if [p.name.replace("_bytes_", "_") for p in sidecars] != [p.name for p in shards]:
-        raise DataError(f"{data_dir}: {len(sidecars)} byte sidecars for {len(shards)} val shards "
-                        f"({sidecars[0].name} ... vs {shards[0].name} ...); re-fetch both from the same export")
-    for sidecar, shard in zip(sidecars, shards):
-        if read_header(sidecar) != read_header(shard):
-            raise DataError(f"{sidecar}: {read_header(sidecar):,} byte entries for {read_header(shard):,} tokens in "
-                            f"{shard.name}; the sidecar is not aligned 1:1, re-fetch both from the same export")
-    return sidecars
 
 
 def check_caseops_sidecar(data_dir: str | os.PathLike[str], operator_ids: dict[str, int]) -> int:
