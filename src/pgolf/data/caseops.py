@@ -97,11 +97,14 @@ def decode(text: str) -> str:
 
 
 def operator_ids(sp: Any) -> dict[str, int] | None:
-    """{operator: id} when each operator encodes to one dedicated piece (a CaseOps tokenizer), else None."""
+    """{operator: id} when each operator is one dedicated piece wherever it stands (a CaseOps tokenizer:
+    user-defined symbols are always cut out whole), else None."""
     ids: dict[str, int] = {}
     for op in OPERATORS:
         piece = sp.piece_to_id(op)
-        if piece == sp.unk_id() or sp.encode(op) != [piece] or sp.is_byte(piece):
+        if piece == sp.unk_id() or sp.is_byte(piece) or sp.id_to_piece(piece) != op:
+            return None
+        if any(sp.encode(text).count(piece) != 1 for text in (op, f"a{op}a", f"x {op}y")):
             return None
         ids[op] = piece
     return ids

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -92,19 +93,21 @@ class LeakReport:
 
 
 class _Powers:
-    """P**i and P**-i mod 2**64 for i < n, grown on demand (shared read-only by the threads)."""
+    """P**i and P**-i mod 2**64 for i < n, grown on demand; the threads share them read-only."""
 
     def __init__(self) -> None:
-        self.pow = self.inv = np.ones(0, dtype=np.uint64)
+        self.tables = (np.ones(0, dtype=np.uint64), np.ones(0, dtype=np.uint64))
+        self.lock = threading.Lock()
 
     def upto(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.pow.size < n:
-            size = max(n, CHUNK_TOKENS)
-            for base, name in ((_P, "pow"), (_P_INV, "inv")):
-                steps = np.full(size, base, dtype=np.uint64)
-                steps[0] = 1
-                setattr(self, name, np.cumprod(steps, dtype=np.uint64))  # wraps mod 2**64, as intended
-        return self.pow, self.inv
+        with self.lock:  # both tables replaced at once: a reader never sees one grown and not the other
+            if self.tables[0].size < n:
+                size = max(n, CHUNK_TOKENS)
+                steps = [np.full(size, base, dtype=np.uint64) for base in (_P, _P_INV)]
+                for s in steps:
+                    s[0] = 1
+                self.tables = tuple(np.cumprod(s, dtype=np.uint64) for s in steps)  # wraps mod 2**64, as intended
+            return self.tables
 
 
 _POWERS = _Powers()
