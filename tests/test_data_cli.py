@@ -81,6 +81,22 @@ def test_build_command(offline_data, tmp_path, capsys):
     assert (out / "manifest.json").is_file() and (out / "fineweb_val_000000.bin").is_file()
 
 
+def test_build_caseops_command(offline_data, tmp_path, capsys):
+    docs = tmp_path / "docs.jsonl"
+    with open(offline_data / "docs.jsonl", encoding="utf-8") as fh:
+        docs.write_text("".join(line for _, line in zip(range(60), fh)), encoding="utf-8")
+    out = tmp_path / "ds"
+    rc, stdout, _ = run(capsys, "data", "build", "--text", str(docs), "--out", str(out), "--vocab", "512",
+                        "--val-docs", "5", "--caseops")
+    assert rc == 0 and "CaseOps with val byte sidecar" in stdout and "0 of 5 val docs found in train" in stdout
+    assert (out / "fineweb_val_bytes_000000.bin").is_file()
+    rc, stdout, _ = run(capsys, "data", "inspect", str(out), "--json")
+    info = json.loads(stdout)
+    assert rc == 0 and info["train"]["bytes"] is None  # no train sidecar: a CaseOps byte table would lie
+    originals = [json.loads(line)["text"] for line in docs.read_text(encoding="utf-8").splitlines()[:5]]
+    assert info["val"]["bytes"] == sum(len(d.encode("utf-8")) for d in originals)
+
+
 def test_corrupt_shard_is_one_line(tmp_path, capsys):
     path = tmp_path / "fineweb_val_000000.bin"
     write_shard(path, np.array([1, 2, 3]))

@@ -124,11 +124,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--variant", default=None,
                    help="sp1024, sp4096, byte260, ... or caseops8192 (CaseOps SP8192 + byte sidecar); default DATA_VARIANT")
     p.add_argument("--train-shards", type=int, default=None, help="train shards to get (default: TRAIN_SHARDS, 80)")
-    p.add_argument("--out", default=None, help="dataset folder (default: DATA_PATH)")
+    p.add_argument("--out", default=None,
+                   help="dataset folder (default: DATA_PATH; another variant's folder beside it)")
     p.add_argument("--source", default=None,
                    help="hf (default), file:///dir or s3://bucket/prefix (default: DATA_URI if set)")
-    p.add_argument("--dataset", default=None, help="dataset folder name in a mirror (default: fineweb10B_<variant>)")
-    p.add_argument("--tokenizer-out", default=None, help="also copy the tokenizer here (default: TOKENIZER_PATH when --out is not given)")
+    p.add_argument("--dataset", default=None, help="dataset folder name in a mirror (default: the variant's, e.g. fineweb10B_sp1024)")
+    p.add_argument("--tokenizer-out", default=None, help="also copy the tokenizer here (default without --out: TOKENIZER_PATH, or beside it)")
     p.add_argument("--workers", type=int, default=8, help="parallel downloads")
     p.add_argument("--leak-sample-shards", type=int, default=0, metavar="N",
                    help="leakage check on N evenly spaced train shards only (default 0: every shard)")
