@@ -146,9 +146,20 @@ def _clip(fragment: np.ndarray, max_len: int | None) -> np.ndarray | int:
     return _TOO_LONG if max_len is not None and fragment.size > max_len else np.array(fragment)
 
 
-def _shard_docs(path: Path, max_len: int | None) -> _ShardDocs:
-    """Keys of the complete documents inside one shard (those no longer than max_len), plus the
-    fragments at its ends, which belong to documents crossing into the neighbouring shards."""
+def _among(keys: np.ndarray, sorted_keys: np.ndarray | None) -> np.ndarray:
+    """Mask of the keys present in sorted_keys (all True without a filter)."""
+    if sorted_keys is None:
+        return np.ones(keys.size, dtype=bool)
+    if sorted_keys.size == 0:
+        return np.zeros(keys.size, dtype=bool)
+    slot = np.searchsorted(sorted_keys, keys).clip(max=sorted_keys.size - 1)
+    return sorted_keys[slot] == keys
+
+
+def _shard_docs(path: Path, max_len: int | None, only: np.ndarray | None = None) -> _ShardDocs:
+    """Keys of the complete documents inside one shard (those no longer than max_len, and only those
+    whose key is in `only` when given, so memory stays with the hits), plus the fragments at its ends,
+    which belong to documents crossing into the neighbouring shards."""
     tokens = read_shard(path)
     bos = np.flatnonzero(tokens == BOS_ID)
     if bos.size == 0:
@@ -165,8 +176,10 @@ def _shard_docs(path: Path, max_len: int | None) -> _ShardDocs:
         stop = max(pos + 1, int(np.searchsorted(ends, starts[pos] + CHUNK_TOKENS, side="right")))
         keys.append(span_keys(tokens, starts[pos:stop], ends[pos:stop]))
         pos = stop
+    all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    hit = _among(all_keys, only)
     return _ShardDocs(
-        keys=np.concatenate(keys) if keys else np.zeros(0, np.uint64), starts=starts, lengths=ends - starts,
+        keys=all_keys[hit], starts=starts[hit], lengths=(ends - starts)[hit],
         head=_clip(tokens[: bos[0]], max_len), tail=_clip(tokens[bos[-1] + 1:], max_len), bos=bos.size,
         tokens=tokens.size,
     )
@@ -193,18 +206,22 @@ class StreamDocs:
 
 
 def stream_docs(paths: list[Path], max_len: int | None = None, workers: int = 1,
-                stitch: bool = True) -> StreamDocs:
-    """Hash the documents of the concatenated shards (in parallel), stitching the boundary ones."""
+                stitch: bool = True, only: np.ndarray | None = None) -> StreamDocs:
+    """Hash the documents of the concatenated shards (in parallel), stitching the boundary ones; with
+    `only` (sorted keys), keep just the documents whose key is among them."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        parts = list(pool.map(lambda p: _shard_docs(p, max_len), paths))
+        parts = list(pool.map(lambda p: _shard_docs(p, max_len, only), paths))
     keys = [p.keys for p in parts]
     shard = [np.full(p.keys.size, i, dtype=np.int64) for i, p in enumerate(parts)]
     starts, lengths = [p.starts for p in parts], [p.lengths for p in parts]
     stitched: list[np.ndarray] = []
     if stitch:
         for doc in _stitch(parts, max_len):
+            key = span_keys(doc, np.array([0]), np.array([doc.size]))
+            if not _among(key, only)[0]:
+                continue
             stitched.append(doc)
-            keys.append(span_keys(doc, np.array([0]), np.array([doc.size])))
+            keys.append(key)
             shard.append(np.array([-len(stitched)]))
             starts.append(np.zeros(1, np.int64))
             lengths.append(np.array([doc.size]))
@@ -263,13 +280,12 @@ def check_leakage(data_dir: str | os.PathLike[str], sample_shards: int = 0, work
     all_train = shard_paths(data_dir, "train")
     train_paths = _sample(all_train, sample_shards)
     max_len = int(val.lengths.max()) if val.lengths.size else 0
-    train = stream_docs(train_paths, max_len=max_len, workers=workers, stitch=len(train_paths) == len(all_train))
     order = np.argsort(val.keys, kind="stable")
     sorted_keys = val.keys[order]
-    slot = np.searchsorted(sorted_keys, train.keys).clip(max=max(sorted_keys.size - 1, 0))
-    hits = np.flatnonzero(sorted_keys[slot] == train.keys) if sorted_keys.size else np.zeros(0, np.int64)
+    train = stream_docs(train_paths, max_len=max_len, workers=workers, stitch=len(train_paths) == len(all_train),
+                        only=sorted_keys)  # every train doc is hashed; only the hash hits are kept
     overlapping: set[int] = set()
-    for t in hits.tolist():  # confirm each hash hit token by token (and count duplicate val docs)
+    for t in range(train.keys.size):  # confirm each hash hit token by token (and count duplicate val docs)
         train_doc = train.doc_tokens(t)
         lo, hi = np.searchsorted(sorted_keys, train.keys[t], "left"), np.searchsorted(sorted_keys, train.keys[t], "right")
         for v in order[lo:hi].tolist():
