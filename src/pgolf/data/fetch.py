@@ -19,8 +19,9 @@ download commands of #1953/#2019 (`snapshot_download(repo_id="romeerp/parameter-
 allow_patterns=["datasets/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved/*",
 "datasets/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"])`):
   repo `romeerp/parameter-golf-caseops-v1` (repo_type=dataset):
-    datasets/manifest.json                                     (docs_val 50,000; docs_train 8,181,945)
-    datasets/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved/fineweb_train_NNNNNN.bin   80
+    datasets/manifest.json         (quoted in the #2127 audits: docs_val 50,000, docs_train 8,181,945)
+    datasets/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved/fineweb_train_NNNNNN.bin  (80;
+        `train_shards: 80` in the accepted logs; #2068's README: "80 .bin files" + "2 .bin files" of val)
     datasets/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved/fineweb_val_000000.bin
     datasets/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved/fineweb_val_bytes_000000.bin
     datasets/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model
