@@ -97,6 +97,31 @@ def test_invalid_values_fail_in_one_line(env, fragment):
     assert fragment in message and "\n" not in message
 
 
+NUMERIC = [name for name, (_, typ) in C.field_types().items() if typ in (int, float)]
+
+
+def test_every_numeric_field_has_a_range_that_holds_every_preset():
+    assert sorted(C.RANGES) == sorted(NUMERIC), "give each new numeric field a RANGES entry"
+    for preset in C.PRESETS:
+        for name, value in C.resolve(preset, env={}).flat().items():
+            if name in C.RANGES:
+                low, high = C.RANGES[name]
+                assert low <= value <= high, (preset, name, value)
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_every_number_refuses_nan_inf_and_out_of_range(name):
+    typ = C.field_types()[name][1]
+    for raw in ("nan", "inf", "-inf"):
+        with pytest.raises(ConfigError, match=f"{name.upper()}=.*(not a finite number|not a valid)"):
+            C.resolve("seed", env={name.upper(): raw})
+    low, high = C.RANGES[name]
+    outside = high * 2 + 1 if typ is int else high * 10 + 1
+    for raw in (outside, low - 1):
+        with pytest.raises(ConfigError, match=f"^{name.upper()}=.* is out of range: use a value"):
+            C.resolve("seed", env={name.upper(): str(raw)})
+
+
 def test_unknown_override_suggests_the_closest_field():
     with pytest.raises(ConfigError, match="did you mean NUM_LAYERS"):
         C.resolve("seed", env={}, overrides={"num_layer": 3})

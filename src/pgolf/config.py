@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -153,6 +154,8 @@ class RunConfig:
     runs_dir: str = "runs"
     results_uri: str = ""  # s3://bucket/prefix or file:///dir; empty = no sync
     sync_every_seconds: float = 30.0
+    # longest wait for the store at the end of a run (and on SIGTERM): fits a spot VM's notice
+    sync_deadline_seconds: float = 25.0
     image: str = ""  # docker image tag in use (recorded in environment.json)
     image_digest: str = ""
 
@@ -211,11 +214,64 @@ def _fail(msg: str) -> None:
     raise ConfigError(msg)
 
 
+DAY_S = 86_400.0
+# Inclusive [low, high] of every numeric field (a test checks that none is missing). Bounds are
+# what the code can run, not what is sensible: they turn a crash hours in, or a silent nonsense
+# run, into one line before any work. Cross-field rules live in validate().
+RANGES: dict[str, tuple[float, float]] = {
+    "train_shards": (0, 100_000),
+    "vocab_size": (2, 65_536), "num_layers": (1, 256), "model_dim": (2, 32_768),
+    "num_heads": (1, 1024), "num_kv_heads": (1, 1024), "mlp_mult": (0.01, 64),
+    "leaky_relu_slope": (0, 1), "tied_embed_init_std": (0, 10), "logit_softcap": (0, 1e4),
+    "rope_base": (1, 1e12), "rope_dims": (0, 32_768), "rope_ntk_ref_len": (0, 1 << 24),
+    "qk_gain_init": (0, 1e3), "gate_bias_init": (0, 100), "bigram_buckets": (0, 1 << 24),
+    "bigram_dim": (1, 32_768), "xsa_last_n": (0, 256), "qat_bits": (2, 8),
+    "seed": (0, 2**32 - 1),  # numpy's seed range
+    "iterations": (0, 10**9), "train_batch_tokens": (2, 1 << 34), "train_seq_len": (2, 1 << 20),
+    "micro_batch_seqs": (1, 1 << 16), "max_wallclock_seconds": (0, 365 * DAY_S),
+    "gptq_reserve_seconds": (0, DAY_S), "warmup_steps": (0, 10**6),
+    "warmdown_iters": (0, 10**9), "matrix_lr": (0, 100), "scalar_lr": (0, 100),
+    "tied_embed_lr": (0, 100), "embed_lr": (0, 100), "head_lr": (0, 100),
+    "muon_momentum": (0, 1), "muon_momentum_warmup_start": (0, 1),
+    "muon_momentum_warmup_steps": (0, 10**9), "muon_backend_steps": (1, 100),
+    "muon_wd": (0, 100), "adam_beta1": (0, 1), "adam_beta2": (0, 1), "adam_eps": (1e-30, 1),
+    "adam_wd": (0, 100), "grad_clip_norm": (0, 1e9), "ema_decay": (0, 1),
+    "late_qat_threshold": (0, 1), "val_loss_every": (0, 10**9), "val_batch_size": (2, 1 << 34),
+    "train_log_every": (0, 10**9), "checkpoint_every_seconds": (0, 365 * DAY_S),
+    "matrix_bits": (2, 8), "embed_bits": (2, 8), "sdclip_k": (1e-3, 1e3),
+    "embed_clip_percentile": (50, 100), "passthrough_max_numel": (0, 1 << 40),
+    "prune_fraction": (0, 1), "lowrank_rank": (0, 1 << 16), "lowrank_tensors": (0, 1 << 20),
+    "gptq_block_size": (1, 1 << 16), "gptq_damp": (0, 100), "calib_batches": (1, 1 << 20),
+    "size_cap_bytes": (1, 1 << 40),
+    "eval_seq_len": (0, 1 << 20), "eval_stride": (1, 1 << 20), "eval_batch_seqs": (1, 1 << 16),
+    "ttt_chunk_tokens": (1, 1 << 34), "ttt_lr": (0, 100), "ttt_epochs": (0, 10_000),
+    "ttt_unfreeze_blocks": (0, 256), "ttt_batch_seqs": (1, 1 << 16), "ttt_grad_clip": (0, 1e9),
+    "ttt_temperature": (1e-3, 1e3), "eval_max_seconds": (0, 365 * DAY_S),
+    "sync_every_seconds": (0, DAY_S), "sync_deadline_seconds": (0.1, DAY_S),
+}
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every number finite (NaN and inf are refused everywhere) and inside its RANGES entry."""
+    for name, value in cfg.flat().items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            _fail(f"{name.upper()}={value} is not a finite number")
+        low, high = RANGES.get(name, (0, math.inf))
+        if not low <= value <= high:
+            shown = f"{value:g}" if abs(value) >= 1e15 else value
+            _fail(f"{name.upper()}={shown} is out of range: use a value from {_num(low)} "
+                  f"to {_num(high)}")
+
+
+def _num(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
 def validate(cfg: Config) -> None:
     m, t, q, e = cfg.model, cfg.train, cfg.quant, cfg.eval
-    for name, value in cfg.flat().items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            _fail(f"{name.upper()}={value} must be >= 0")
+    _check_ranges(cfg)
     if m.num_heads < 1 or m.model_dim % m.num_heads:
         _fail(f"MODEL_DIM={m.model_dim} is not divisible by NUM_HEADS={m.num_heads}")
     if m.num_kv_heads < 1 or m.num_heads % m.num_kv_heads:
@@ -232,7 +288,7 @@ def validate(cfg: Config) -> None:
         _fail(f"VOCAB_SIZE={m.vocab_size} does not fit the uint16 shard format (max 65536)")
     if m.bigram_buckets and m.bigram_buckets < 2:
         _fail(f"BIGRAM_BUCKETS={m.bigram_buckets} must be 0 (off) or >= 2")
-    if t.train_seq_len < 2 or t.train_batch_tokens % t.train_seq_len:
+    if t.train_batch_tokens < t.train_seq_len or t.train_batch_tokens % t.train_seq_len:
         _fail(
             f"TRAIN_BATCH_TOKENS={t.train_batch_tokens} is not a multiple of "
             f"TRAIN_SEQ_LEN={t.train_seq_len}"
