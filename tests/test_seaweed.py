@@ -89,3 +89,11 @@ def test_cli_store_up_env_down(tmp_path: Path) -> None:
     assert pgolf("store", "status", "--dir", str(root)).returncode == 1
     env_down = pgolf("store", "env", "--dir", str(root))
     assert env_down.returncode == 2 and env_down.stderr.startswith("error: the local store")
+    # down then up: the same ports, so the exported AWS_ENDPOINT_URL_S3 still points at it
+    again = pgolf("store", "up", "--dir", str(root))
+    try:
+        assert again.returncode == 0, again.stderr
+        assert json.loads((root / "server.json").read_text())["ports"] == state["ports"]
+        assert f"S3 at http://127.0.0.1:{state['ports']['s3']} " in again.stdout
+    finally:
+        assert pgolf("store", "down", "--dir", str(root)).returncode == 0

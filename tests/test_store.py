@@ -234,7 +234,11 @@ def test_store_down_fails_fast_with_one_line() -> None:
     assert "\n" not in str(err.value)
 
 
-def test_missing_bucket_message() -> None:
-    st = open_store("s3://no-such-bucket-pgolf/p", s3_options("moto"))
+@pytest.mark.parametrize("backend_name", ["moto", "seaweed"])
+def test_missing_bucket_message_and_no_bucket_made(backend_name: str) -> None:
+    st = open_store("s3://no-such-bucket-pgolf/p", s3_options(backend_name))
     with pytest.raises(StoreError, match="bucket s3://no-such-bucket-pgolf does not exist"):
-        st.put_bytes("x", b"1")
+        st.check_bucket()
+    with pytest.raises(StoreError, match="bucket s3://no-such-bucket-pgolf does not exist"):
+        st.put_bytes("x", b"1")  # SeaweedFS would create it without -s3.autoCreateBucket=false
+    assert "no-such-bucket-pgolf" not in [b["Name"] for b in st.client.list_buckets()["Buckets"]]

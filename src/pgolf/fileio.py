@@ -48,8 +48,13 @@ def atomic_write_json(path: str | os.PathLike[str], payload: Any, *, sort_keys: 
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(HASH_CHUNK):
-            digest.update(block)
+        return sha256_fileobj(fh)
+
+
+def sha256_fileobj(fh: IO[bytes]) -> str:
+    """sha256 of what is left to read in an open binary file."""
+    digest = hashlib.sha256()
+    while block := fh.read(HASH_CHUNK):
+        digest.update(block)
     return digest.hexdigest()

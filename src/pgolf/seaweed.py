@@ -1,7 +1,9 @@
 """A local S3 server: SeaweedFS `weed mini` on 127.0.0.1, the default results store.
 
 `pgolf store up` starts it detached (its own process group; the pid and ports go to
-`.store/server.json`) so it outlives the command; `pgolf store down` stops it. Tests use the same
+`.store/server.json`) so it outlives the command; `pgolf store down` stops it. The ports are also
+kept in `.store/ports.json`, which a stop leaves behind, so the next start listens where
+`pgolf store env` pointed before (unless another program took a port meanwhile). Tests use the same
 class with a tmp folder. Facts this relies on (storage-and-data.md section 1):
 - every component also listens on a gRPC port, and some parts assume HTTP + 10000 even when the
   gRPC flag is given, so each HTTP port is chosen with a free +10000 partner and both are passed;
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from pgolf import config as cfgmod
 from pgolf.errors import StoreError
+from pgolf.fileio import atomic_write_json
 from pgolf.store import S3Options
 
 log = logging.getLogger(__name__)
@@ -131,6 +134,7 @@ class LocalSeaweed:
         self.data_dir = self.root / "data"
         self.credentials_file = self.root / "credentials.env"
         self.state_file = self.root / "server.json"
+        self.ports_file = self.root / "ports.json"  # outlives a stop: the next start reuses them
         self.log_file = self.root / "weed.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -167,7 +171,7 @@ class LocalSeaweed:
             raw = json.loads(self.state_file.read_text())
             st = SeaweedState(pid=int(raw["pid"]), host=raw["host"], ports=dict(raw["ports"]),
                               started=float(raw["started"]))
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             return None
         return st if _is_weed(st.pid) else None
 
@@ -204,11 +208,13 @@ class LocalSeaweed:
         # -idleTimeout=5: on SIGTERM the volume server waits for internal keep-alive connections
         # to go idle; at the default 30 s a stop after a large GET took ~30 s, at 5 s ~2 s.
         # -logtostderr: glog would otherwise also write weed.* files into /tmp; stderr goes to
-        # our weed.log.
+        # our weed.log. -s3.autoCreateBucket=false: by default a PUT into a mistyped bucket
+        # silently creates it.
         args = [weed, "-logtostderr", "mini", f"-dir={self.data_dir}", f"-ip={self.host}",
                 f"-ip.bind={self.host}", "-master.telemetry=false", "-admin.ui=false",
                 "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-volume.preStopSeconds=0", "-idleTimeout=5", f"-s3.localSocket={s3_sock}",
+                "-volume.preStopSeconds=0", "-idleTimeout=5", "-s3.autoCreateBucket=false",
+                f"-s3.localSocket={s3_sock}",
                 f"-filer.localSocket={filer_sock}"]
         for name, port in ports.items():
             args += [f"-{name}.port={port}", f"-{name}.port.grpc={port + GRPC_OFFSET}"]
@@ -232,19 +238,23 @@ class LocalSeaweed:
                                           stdin=subprocess.DEVNULL, stdout=logfh,
                                           stderr=subprocess.STDOUT, start_new_session=True)
         st = SeaweedState(pid=self._proc.pid, host=self.host, ports=ports, started=time.time())
-        tmp = self.state_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(st), indent=2))
-        os.replace(tmp, self.state_file)
+        if previous and ports != previous:
+            log.warning("the local store's previous ports are taken: S3 moves from %d to %d "
+                        "(run eval \"$(pgolf store env)\" again)", previous["s3"], ports["s3"])
+        atomic_write_json(self.ports_file, ports)
+        atomic_write_json(self.state_file, asdict(st))
         log.info("started weed mini pid %d, S3 at %s, data in %s", st.pid, st.endpoint,
                  self.data_dir)
         self._wait_ready(st, timeout_s)
         return st
 
     def _previous_ports(self) -> dict[str, int] | None:
-        try:
-            return dict(json.loads(self.state_file.read_text())["ports"])
-        except (OSError, ValueError, KeyError):
-            return None
+        for path, pick in ((self.ports_file, lambda d: d), (self.state_file, lambda d: d["ports"])):
+            try:
+                return {str(k): int(v) for k, v in pick(json.loads(path.read_text())).items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+        return None
 
     def _wait_ready(self, st: SeaweedState, timeout_s: float) -> None:
         from pgolf.store.s3 import S3Store

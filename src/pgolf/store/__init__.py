@@ -155,8 +155,11 @@ def receive_verified(src: BinaryIO, dest: str | Path, uri: str, key: str, expect
 @dataclass(frozen=True)
 class S3Options:
     """Client settings. Retries are bounded (standard mode; total_max_attempts counts the first
-    send), so a store that is down costs seconds, not minutes. Endpoint and credentials default to
-    boto3's own chain (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ~/.aws, instance roles)."""
+    send), so a store that is down costs seconds, not minutes: a request to a server that accepts
+    the connection and never answers fails after read_timeout x max_attempts (3 x 10 s). The read
+    timeout is the longest silence between two reads, not a cap on a transfer. Endpoint and
+    credentials default to boto3's own chain (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ~/.aws,
+    instance roles)."""
 
     endpoint_url: str | None = None
     access_key: str | None = None
@@ -164,7 +167,7 @@ class S3Options:
     region: str | None = None
     max_attempts: int = 3
     connect_timeout: float = 5.0
-    read_timeout: float = 60.0
+    read_timeout: float = 10.0
     multipart_threshold: int = 64 * MiB
     multipart_chunksize: int = 16 * MiB
     max_concurrency: int = 4

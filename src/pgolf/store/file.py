@@ -49,6 +49,13 @@ class FileStore:
         self.root = Path(os.path.abspath(root))
         self.uri = "file://" + str(self.root)
 
+    def check_bucket(self) -> None:
+        """The folder may be created, but only inside one that exists: a store URI on a disk that
+        is not mounted fails here instead of filling the local disk."""
+        if not self.root.is_dir() and not self.root.parent.is_dir():
+            raise StoreError(f"{self.uri}: neither {self.root} nor its parent exists (is the disk "
+                             "mounted?): create the folder or fix the URI")
+
     # -- paths ---------------------------------------------------------------------------------
 
     def _check_key(self, key: str) -> str:

@@ -19,12 +19,14 @@ from typing import Any, Iterator
 from pgolf.errors import StoreError
 from pgolf.store import (ChecksumMismatch, ObjectNotFound, ObjInfo, PreconditionFailed,
                          S3Options, StoreUnavailable, check_sha, join_key,
-                         receive_verified, sha256_bytes, sha256_file, validate_key)
+                         receive_verified, sha256_bytes, validate_key)
+from pgolf.fileio import sha256_fileobj
 
 log = logging.getLogger(__name__)
 
 CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
                     "ExpiredToken", "AuthorizationHeaderMalformed"}
+TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable"}
 
 
 _LOADER: Any = None
@@ -139,6 +141,9 @@ class S3Store:
                               "(pgolf store up creates pgolf-results)")
         if code in ("NoSuchKey", "404", "NotFound"):
             return ObjectNotFound(f"no object {where}: check the key (pgolf results ls)")
+        if code in TRANSIENT_CODES or (status or 0) >= 500:
+            return StoreUnavailable(f"S3 {op} {where} failed ({code}, HTTP {status}): the "
+                                    "store is overloaded or restarting; retry later")
         if code in ("BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"):
             return ChecksumMismatch(f"S3 rejected {op} {where} ({code}): the bytes changed "
                                     "between hashing and upload; retry")
@@ -176,16 +181,21 @@ class S3Store:
 
     def put_file(self, key: str, path: str | Path, *, if_absent: bool = False,
                  metadata: dict[str, str] | None = None) -> ObjInfo:
-        """Single PUT below the multipart threshold (server-verified SHA256), else multipart."""
-        size = os.path.getsize(path)
-        sha = sha256_file(path)
-        if if_absent or size < self.options.multipart_threshold:
-            with open(path, "rb") as fh:
+        """Single PUT below the multipart threshold (server-verified SHA256), else multipart.
+
+        The file is opened once: the sha256 recorded and the bytes sent come from the same open
+        file, so a writer that replaces the path meanwhile (temp + rename) cannot make them differ.
+        """
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            sha = sha256_fileobj(fh)
+            fh.seek(0)
+            if if_absent or size < self.options.multipart_threshold:
                 return self._put_object(key, fh, sha, size, if_absent, None, metadata)
-        extra = {"Metadata": {**(metadata or {}), "sha256": sha}, "ChecksumAlgorithm": "SHA256"}
-        with self._errors("upload", key):
-            self.client.upload_file(str(path), self.bucket, self._k(key), ExtraArgs=extra,
-                                    Config=self.transfer)
+            extra = {"Metadata": {**(metadata or {}), "sha256": sha}, "ChecksumAlgorithm": "SHA256"}
+            with self._errors("upload", key):
+                self.client.upload_fileobj(fh, self.bucket, self._k(key), ExtraArgs=extra,
+                                           Config=self.transfer)
         info = self.head(key)
         if info is None or info.size != size:
             raise StoreError(f"upload of {self._where(key)} did not stick (size "
@@ -275,6 +285,22 @@ class S3Store:
             if self.head_bucket():
                 return
             self.client.create_bucket(Bucket=self.bucket)
+
+    def check_bucket(self) -> None:
+        """Fail in one line unless the bucket exists and these credentials may read it."""
+        from botocore.exceptions import ClientError
+
+        with self._errors("head bucket"):
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status == 404:
+                    raise self._client_error("head bucket", self.uri, "NoSuchBucket", 404,
+                                             "") from None
+                if status in (400, 403):  # no body on HEAD: a listing names the cause
+                    self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+                raise
 
     def head_bucket(self) -> bool:
         from botocore.exceptions import ClientError
