@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from pgolf import results
+from pgolf import results, runstore
 from pgolf.cli import main
 from pgolf.errors import DataError, StoreError
-from pgolf.store import ChecksumMismatch, open_store
+from pgolf.runstore import MANIFEST, read_latest
+from pgolf.store import open_store
 from pgolf.store.file import FileStore
-from pgolf.sync import MANIFEST, RunSync
+from pgolf.sync import RunSync
 from store_fixtures import (TEST_BUCKET, backend, backend_env, make_run_dir,  # noqa: F401
                             s3_options, unique_uri)
 
@@ -64,13 +65,14 @@ class CountingStore(FileStore):
 def test_corrupt_object_is_fetched_again_then_reported(tmp_path: Path) -> None:
     store = CountingStore(tmp_path / "store")
     run = synced_run(tmp_path, store)
-    blob = store.root / run.name / "artifact.pgz"
+    entry = read_latest(store, run.name).files["artifact.pgz"]
+    blob = store.root / run.name / entry.key
     st = blob.stat()
     blob.write_bytes(b"\0" * st.st_size)  # bit rot that keeps size and mtime
     os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
-    with pytest.raises(ChecksumMismatch, match="failed sha256 verification twice"):
-        results.pull(store, tmp_path / "results", [run.name], progress=False)
-    assert store.gets.count(f"{run.name}/artifact.pgz") == 2  # fetched again once, then gave up
+    report = results.pull(store, tmp_path / "results", [run.name], progress=False)
+    assert not report.ok and "failed sha256 verification twice" in report.errors[run.name]
+    assert store.gets.count(f"{run.name}/{entry.key}") == 2  # fetched again once, then gave up
     assert not (tmp_path / "results" / run.name / "artifact.pgz").exists()
     assert not (tmp_path / "results" / run.name / MANIFEST).exists()  # never marked complete
 
@@ -81,55 +83,73 @@ def test_corrupt_s3_object_cli_error(tmp_path: Path, monkeypatch: pytest.MonkeyP
     uri = f"s3://{TEST_BUCKET}/corrupt-{time.time_ns()}"
     run = synced_run(tmp_path, uri, opts)
     store = open_store(uri, opts)
-    store.client.put_object(Bucket=TEST_BUCKET, Key=store._k(f"{run.name}/train.log"),
+    key = f"{run.name}/{read_latest(store, run.name).files['train.log'].key}"
+    store.client.put_object(Bucket=TEST_BUCKET, Key=store._k(key),
                             Body=b"tampered", Metadata={"sha256": "0" * 64})
     for name, value in backend_env("seaweed").items():
         monkeypatch.setenv(name, value)
     code = main(["results", "pull", run.name, "--from", uri, "--to", str(tmp_path / "r"),
                  "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("error: ") and "sha256" in err[-1]
-    assert f"{uri}/{run.name}/train.log" in err[-1]
+    assert code == 1 and all(line.startswith("error: ") for line in err) and len(err) == 2
+    assert "sha256" in err[0] and f"{uri}/{key}" in err[0]
+    assert err[1].startswith("error: 1 run(s) could not be pulled")
 
 
-def test_unsafe_manifest_paths_are_refused(tmp_path: Path) -> None:
+def test_unsafe_manifests_are_refused_and_the_rest_pulled(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "store")
-    evil = {"run_id": "r1", "files": [{"path": "../../outside.txt", "size": 1, "sha256": "0" * 64}]}
-    store.put_bytes(f"r1/{MANIFEST}", json.dumps(evil).encode())
-    with pytest.raises(StoreError, match="unsafe path '../../outside.txt'"):
-        results.pull(store, tmp_path / "dest", ["r1"], progress=False)
-    assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "dest" / "r1").exists()
+    good = synced_run(tmp_path, store, run_id="good")
+    sha = "0" * 64
+    hostile = {
+        "r1": {"files": [{"path": "../../outside.txt", "size": 1, "sha256": sha}]},
+        "r2": {"format": 2, "run_id": "r2", "generation": 1, "files": [
+            {"path": "ok.txt", "size": 1, "sha256": sha, "key": "a/../../../escape"}]},
+        "r3": {"run_id": "someone-else", "files": []},
+        "r4": {"files": [{"path": "x", "size": -1, "sha256": sha}]},
+        "r5": ["not", "an", "object"],
+    }
+    for run_id, doc in hostile.items():
+        store.put_bytes(f"{run_id}/{MANIFEST}", json.dumps(doc).encode())
+    store.put_bytes("r6/manifest.json", b"{truncated")
+    report = results.pull(store, tmp_path / "dest", all_runs=True, partial=True, progress=False)
+    assert report.runs == ["good"] and set(report.errors) == {"r1", "r2", "r3", "r4", "r5", "r6"}
+    assert "unsafe path '../../outside.txt'" in report.errors["r1"]
+    assert "unsafe path 'a/../../../escape'" in report.errors["r2"]
+    assert "belongs to run 'someone-else'" in report.errors["r3"]
+    assert all("\n" not in why for why in report.errors.values())
+    assert same_tree(good, tmp_path / "dest" / "good")
+    assert not list(tmp_path.glob("**/outside.txt")) and not list(tmp_path.glob("**/escape"))
+    assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == ["good"]  # no empty folders
     with pytest.raises(StoreError, match="bad run id"):
         results.pull(store, tmp_path / "dest", ["../r1"], progress=False)
 
 
-def test_unsafe_store_keys_are_refused_in_partial_mode(tmp_path: Path) -> None:
-    opts = s3_options("moto")
-    uri = f"s3://{TEST_BUCKET}/unsafe-{time.time_ns()}"
-    store = open_store(uri, opts)
-    store.put_bytes("r2/ok.txt", b"fine")
-    store.client.put_object(Bucket=TEST_BUCKET, Key=store._k("r2") + "/a/../../escape",
-                            Body=b"x")  # legal in S3, a path escape on disk
-    with pytest.raises(StoreError, match="unsafe key"):
-        results.pull(uri, tmp_path / "dest", ["r2"], partial=True, progress=False, options=opts)
-    assert not (tmp_path / "escape").exists()
-
-
-def test_runs_without_manifest_need_partial(tmp_path: Path) -> None:
+def test_status_decides_what_all_takes(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "store")
     done = synced_run(tmp_path, store, run_id="done")
     running = make_run_dir(tmp_path / "runs", "running")
-    RunSync(running, store, every_seconds=0).sync_once()  # uploaded, never committed
-    assert results.list_runs(store) == ["done"]
-    assert results.list_runs(store, complete_only=False) == ["done", "running"]
+    RunSync(running, store, every_seconds=0).sync_once()  # committed as "running"
+    failed = make_run_dir(tmp_path / "runs", "failed")
+    with pytest.raises(ValueError):
+        with RunSync(failed, store, every_seconds=0):
+            raise ValueError("boom")
+    store.put_bytes("uncommitted/train.log@0123456789abcdef", b"no generation names it")
+    assert runstore.list_runs(store) == ["done", "failed", "running"]
     report = results.pull(store, tmp_path / "a", all_runs=True, progress=False)
-    assert report.runs == ["done"]
-    with pytest.raises(StoreError, match="no manifest.json.*--partial"):
-        results.pull(store, tmp_path / "a", ["running"], progress=False)
-    report = results.pull(store, tmp_path / "b", all_runs=True, partial=True, progress=False)
-    assert report.runs == ["done", "running"] and report.partial_runs == ["running"]
-    assert same_tree(running, tmp_path / "b" / "running")
-    assert same_tree(done, tmp_path / "b" / "done")
+    assert report.runs == ["done"] and report.left_out == {"failed": "failed (ValueError)",
+                                                          "running": "running"}
+    named = results.pull(store, tmp_path / "a", ["running"], progress=False)
+    assert named.statuses == {"running": "running"}  # a named run comes whatever its status
+    everything = results.pull(store, tmp_path / "b", all_runs=True, partial=True, progress=False)
+    assert everything.runs == ["done", "failed", "running"] and everything.ok
+    for run in (done, running, failed):
+        assert same_tree(run, tmp_path / "b" / run.name)
+    assert [(r.run, r.status) for r in results.collect(tmp_path / "b")] == [
+        ("done", "complete"), ("failed", "failed (ValueError)"), ("running", "running")]
+    missing = results.pull(store, tmp_path / "c", ["nope"], progress=False)
+    assert "no run nope" in missing.errors["nope"]
+    quiet = results.pull(store, tmp_path / "c", ["nope"], if_exists=True, progress=False)
+    assert quiet.ok and quiet.missing == ["nope"] and not (tmp_path / "c").exists()
 
 
 # -- ls ---------------------------------------------------------------------------------------------
@@ -140,36 +160,43 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data))
 
 
-def test_ls_table_fallbacks_and_compliance(tmp_path: Path) -> None:
+def test_ls_table_fallbacks_status_and_compliance(tmp_path: Path) -> None:
     root = tmp_path / "results"
     a = make_run_dir(root, "a-run")  # summary.json has everything
-    (a / MANIFEST).write_text("{}")
+    (a / MANIFEST).write_text("{}")  # the earlier layout: a manifest meant complete
     ok = {"ok": True, "value": 1, "limit": 2, "how": "x"}
-    write_json(a / "compliance.json", {"bytes": ok, "train_time": ok})
+    info = {**ok, "ok": False, "enforced": False}  # an H100 time rule on a CPU run
+    write_json(a / "compliance.json", {"bytes": ok, "train_time": info})
     b = root / "b-run"  # no summary: figures come from the per-stage files
     write_json(b / "config.json", {"preset": "tiny", "train": {"seed": 7}})
     write_json(b / "train_summary.json", {"train_time_ms": 12_345})
     write_json(b / "eval_summary.json", {"val_bpb": 1.2001, "eval_time_s": 33.3})
     write_json(b / "compliance.json", {"bytes": ok, "eval_time": {**ok, "ok": False}})
+    write_json(b / MANIFEST, {"status": "interrupted (SIGTERM)"})
     (root / "c-run").mkdir()  # nothing at all
     (root / "c-run" / "summary.json").write_text("{not json")
+    d = make_run_dir(root, "d-run")
+    write_json(d / "summary.json", {"val_bpb": 1.3, "seed": 1})
+    write_json(d / MANIFEST, {"status": "complete"})
     rows = results.collect(root)
-    assert [r.run for r in rows] == ["a-run", "b-run", "c-run"]
-    ra, rb, rc = rows
-    assert (ra.seed, ra.preset, ra.val_bpb, ra.total_bytes, ra.compliant, ra.complete) == \
-        (1337, "seed", 1.0821, 15_912_345, True, True)
-    assert (rb.seed, rb.preset, rb.val_bpb, rb.train_s, rb.eval_s, rb.compliant) == \
-        (7, "tiny", 1.2001, 12.345, 33.3, False)
-    assert (rc.seed, rc.val_bpb, rc.compliant) == (None, None, None)
+    assert [r.run for r in rows] == ["a-run", "b-run", "c-run", "d-run"]
+    ra, rb, rc, rd = rows
+    assert (ra.seed, ra.preset, ra.val_bpb, ra.total_bytes, ra.compliant, ra.status) == \
+        (1337, "seed", 1.0821, 15_912_345, True, "complete")
+    assert (rb.seed, rb.preset, rb.val_bpb, rb.train_s, rb.eval_s, rb.compliant, rb.status) == \
+        (7, "tiny", 1.2001, 12.345, 33.3, False, "interrupted (SIGTERM)")
+    assert (rc.seed, rc.val_bpb, rc.compliant, rc.status) == (None, None, None, "no manifest")
     table = results.format_table(rows).splitlines()
     assert table[0].split() == ["run", "seed", "preset", "val_bpb", "bytes", "train_s", "eval_s",
-                                "ok"]
+                                "ok", "status"]
     assert table[1].split() == ["a-run", "1337", "seed", "1.0821",
-                                "15,912,345", "591.2", "402.7", "✓"]
-    assert table[2].split() == ["b-run", "(partial)", "7", "tiny", "1.2001", "-", "12.3", "33.3",
-                                "✗"]
-    assert table[3].split() == ["c-run", "(partial)", "-", "-", "-", "-", "-", "-", "-"]
-    assert table[4] == "mean val_bpb 1.1411 ± 0.0834 (sample std, n=2)"
+                                "15,912,345", "591.2", "402.7", "✓", "complete"]
+    assert table[2].split() == ["b-run", "7", "tiny", "1.2001", "-", "12.3", "33.3", "✗",
+                                "interrupted", "(SIGTERM)"]
+    assert table[3].split() == ["c-run", "-", "-", "-", "-", "-", "-", "-", "no", "manifest"]
+    assert table[5] == ("mean val_bpb 1.1911 ± 0.1541 (sample std, n=2 complete runs; "
+                        "1 unfinished run(s) left out)")
+    assert json.loads(results.rows_as_json(rows))[1]["status"] == "interrupted (SIGTERM)"
 
 
 def test_ls_cost_column_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,8 +1,8 @@
-"""RunSync: incremental rounds, the manifest commit, outages, restarts and signals."""
+"""RunSync: incremental rounds, committed generations, outages, restarts and signals."""
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import signal
 import socket
@@ -15,33 +15,34 @@ from pathlib import Path
 
 import pytest
 
+from pgolf.errors import ConfigError
+from pgolf.runstore import MANIFEST, Generation, parse_generation, read_latest
 from pgolf.seaweed import LocalSeaweed
-from pgolf.store import S3Options, open_store, sha256_file
+from pgolf.store import S3Options, StoreUnavailable, open_store, sha256_file
 from pgolf.store.file import FileStore
-from pgolf.sync import MANIFEST, RunSync, scan_run_dir
+from pgolf.sync import RunSync, scan_run_dir
 from store_fixtures import (TEST_BUCKET, backend, backend_env, make_run_dir,  # noqa: F401
                             s3_options, seaweed_server)
 
 
-def manifest_of(store, run_id: str) -> dict:
-    return json.loads(store.get_bytes(f"{run_id}/{MANIFEST}"))
-
-
-def assert_store_matches_folder(store, run: Path) -> dict:
-    """The store's manifest lists exactly the folder's files, and every object matches."""
-    manifest = manifest_of(store, run.name)
+def assert_store_matches_folder(store, run: Path) -> Generation:
+    """The newest generation lists exactly the folder's files, every object holds those bytes,
+    and the folder's manifest.json is the store's pointer, byte for byte."""
+    gen = read_latest(store, run.name)
+    assert gen is not None
     local = {rel: (run / rel) for rel in scan_run_dir(run)}
-    assert [f["path"] for f in manifest["files"]] == sorted(local)
-    for f in manifest["files"]:
-        assert f["size"] == local[f["path"]].stat().st_size
-        assert f["sha256"] == sha256_file(local[f["path"]])
-        assert store.get_bytes(f"{run.name}/{f['path']}") == local[f["path"]].read_bytes()
-    assert (run / MANIFEST).read_bytes() == store.get_bytes(f"{run.name}/{MANIFEST}")
-    return manifest
+    assert sorted(gen.files) == sorted(local)
+    for entry in gen.files.values():
+        data = local[entry.path].read_bytes()
+        assert (entry.size, entry.sha256) == (len(data), sha256_file(local[entry.path]))
+        assert entry.key == f"{entry.path}@{entry.sha256[:16]}"
+        assert store.get_bytes(f"{run.name}/{entry.key}") == data
+    assert (run / MANIFEST).read_bytes() == store.get_bytes(f"{run.name}/{MANIFEST}") == gen.raw
+    return gen
 
 
 class RecordingStore(FileStore):
-    """A real file:// store that also records the order of writes."""
+    """A real file:// store that also records every write, in order."""
 
     def __init__(self, root: Path):
         super().__init__(root)
@@ -68,30 +69,40 @@ def test_scan_skips_temp_dot_and_manifest(tmp_path: Path) -> None:
                                  "metrics.jsonl", "summary.json", "train.log"]
 
 
-def test_rounds_upload_only_changes_and_final_commits_last(tmp_path: Path) -> None:
+def test_rounds_commit_generations_and_never_overwrite_an_object(tmp_path: Path) -> None:
     run = make_run_dir(tmp_path / "runs")
     store = RecordingStore(tmp_path / "store")
     sync = RunSync(run, store, every_seconds=0)
     first = sync.sync_once()
-    assert sorted(first.uploaded) == scan_run_dir(run) and first.ok
-    assert store.head(f"{run.name}/{MANIFEST}") is None  # not committed by a plain round
-    second = sync.sync_once()
+    assert sorted(first.uploaded) == scan_run_dir(run) and first.ok and first.generation == 1
+    assert store.puts[-2:] == [f"{run.name}/generations/000001.json", f"{run.name}/{MANIFEST}"]
+    assert read_latest(store, run.name).status == "running"
+    second = sync.sync_once()  # nothing changed: nothing sent, no new generation
     assert second.uploaded == [] and second.skipped == len(first.uploaded)
+    assert second.generation == 1
     with open(run / "train.log", "a") as fh:
         fh.write("step:2/10 train_loss:6.5\n")
     os.utime(run / "summary.json")  # touched but unchanged: re-hashed, not re-sent
     third = sync.sync_once()
-    assert third.uploaded == ["train.log"]
-    (run / "checkpoint" / "ema.pt").unlink()  # deleted locally: dropped from the store at commit
-    store.puts.clear()
+    assert third.uploaded == ["train.log"] and third.generation == 2
+    (run / "checkpoint" / "ema.pt").unlink()  # deleted locally: dropped by the next generation
     report = sync.final()
-    assert report.ok and report.manifest_written and report.deleted == ["checkpoint/ema.pt"]
-    assert store.puts[-1] == f"{run.name}/{MANIFEST}"  # the commit marker is written last
-    assert store.head(f"{run.name}/checkpoint/ema.pt") is None
-    manifest = assert_store_matches_folder(store, run)
-    assert manifest["run_id"] == run.name and manifest["status"] == "complete"
-    assert manifest["total_bytes"] == sum(f["size"] for f in manifest["files"])
+    assert report.ok and report.generation == 3 and report.dropped == ["checkpoint/ema.pt"]
+    assert store.puts[-1] == f"{run.name}/{MANIFEST}"  # the pointer is written last
+    gen = assert_store_matches_folder(store, run)
+    assert (gen.number, gen.status, gen.lineage) == (3, "complete", sync.lineage)
     assert sync.final() is report  # idempotent
+    # Only the newest two generations and the objects they name are kept...
+    keys = {o.key for o in store.list(run.name + "/")}
+    assert {k for k in keys if "/generations/" in k} == {f"{run.name}/generations/000002.json",
+                                                         f"{run.name}/generations/000003.json"}
+    named = {f"{run.name}/{e.key}" for n in (2, 3) for e in parse_generation(
+        run.name, store.get_bytes(f"{run.name}/generations/{n:06d}.json"), "g").files.values()}
+    assert keys == named | {f"{run.name}/generations/000002.json",
+                            f"{run.name}/generations/000003.json", f"{run.name}/{MANIFEST}"}
+    # ...and no key but the pointer was ever written twice: a committed object never changes.
+    objects = [k for k in store.puts if not k.endswith(MANIFEST)]
+    assert len(objects) == len(set(objects))
 
 
 def test_background_thread_and_context_manager(tmp_path: Path, backend: str) -> None:
@@ -102,11 +113,11 @@ def test_background_thread_and_context_manager(tmp_path: Path, backend: str) -> 
     opts = None if backend == "file" else s3_options(backend)
     with RunSync(run, uri, every_seconds=0.05, options=opts) as sync:
         deadline = time.monotonic() + 10
-        while sync.store.head(f"{run.name}/summary.json") is None:
-            assert time.monotonic() < deadline, "the thread never synced"
+        while read_latest(sync.store, run.name) is None:
+            assert time.monotonic() < deadline, "the thread never committed"
             time.sleep(0.02)
         (run / "eval_summary.json").write_text('{"val_bpb": 1.08}')
-    assert_store_matches_folder(open_store(uri, opts), run)
+    assert assert_store_matches_folder(open_store(uri, opts), run).status == "complete"
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
 
 
@@ -116,25 +127,20 @@ def test_exception_still_commits_and_propagates(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="boom"):
         with RunSync(run, store, every_seconds=0):
             raise ValueError("boom")
-    assert manifest_of(store, run.name)["status"] == "failed (ValueError)"
+    assert read_latest(store, run.name).status == "failed (ValueError)"
 
 
-def test_store_down_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_store_down_at_start_fails_before_any_work(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     opts = S3Options(endpoint_url=f"http://127.0.0.1:{port}", access_key="k", secret_key="s",
                      max_attempts=1, connect_timeout=0.5)
     run = make_run_dir(tmp_path / "runs")
-    sync = RunSync(run, "s3://b/p", every_seconds=0.05, final_timeout_s=0.5, retry_every_s=0.1,
-                   options=opts)
-    with sync:
-        time.sleep(0.3)
-    assert sync.rounds >= 3  # the thread kept trying
-    report = sync.final()
-    assert not report.ok and not report.manifest_written
-    assert "will retry" in caplog.text and "pgolf results push" in caplog.text
-    assert not (run / MANIFEST).exists()
+    with pytest.raises(StoreUnavailable, match="cannot reach the S3 endpoint"):
+        RunSync(run, "s3://b/p", options=opts).attach()
+    with pytest.raises(ConfigError, match="finite"):
+        RunSync(run, "s3://b/p", every_seconds=math.inf, options=opts)
 
 
 def test_server_killed_mid_sync_and_restarted(tmp_path: Path) -> None:
@@ -146,10 +152,10 @@ def test_server_killed_mid_sync_and_restarted(tmp_path: Path) -> None:
         opts = server.options(max_attempts=1, connect_timeout=0.5, read_timeout=5)
         run = make_run_dir(tmp_path / "runs")
         sync = RunSync(run, f"s3://{TEST_BUCKET}/runs", every_seconds=0.05,
-                       final_timeout_s=45, retry_every_s=0.2, options=opts).start()
+                       deadline_s=45, retry_every_s=0.2, options=opts).start()
         store = sync.store
         deadline = time.monotonic() + 15
-        while store.head(f"{run.name}/artifact.pgz") is None:
+        while read_latest(store, run.name) is None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         server.kill()
@@ -163,7 +169,7 @@ def test_server_killed_mid_sync_and_restarted(tmp_path: Path) -> None:
         restarter.start()
         report = sync.final()
         restarter.join()
-        assert report.ok and report.manifest_written
+        assert report.ok and report.generation is not None
         assert_store_matches_folder(store, run)
     finally:
         server.stop()
@@ -207,6 +213,6 @@ def test_signal_in_child_commits_files_so_far(tmp_path: Path, signum: int) -> No
         proc.kill()
     assert proc.returncode == -signum, err  # re-raised: the parent sees death by that signal
     store = open_store(uri, s3_options("seaweed"))
-    manifest = assert_store_matches_folder(store, run)
-    assert manifest["status"] == f"interrupted ({signal.Signals(signum).name})"
-    assert len([f for f in manifest["files"] if f["path"].startswith("step")]) >= 6
+    gen = assert_store_matches_folder(store, run)
+    assert gen.status == f"interrupted ({signal.Signals(signum).name})"
+    assert len([p for p in gen.files if p.startswith("step")]) >= 6

@@ -1,12 +1,15 @@
 """Bring run folders home from the store, tabulate them, and plot them.
 
-- pull: `<uri>/<run_id>/...` -> `<dest>/<run_id>/...`, driven by each run's manifest.json (the
-  commit marker RunSync writes last). Resumable (files already present with the manifest's sha256
-  are skipped), verified (sha256 of every byte written; a mismatch is fetched once more, then is an
-  error), and safe (keys that could escape the destination are refused). manifest.json is written
-  last locally too, so a local folder with a manifest is complete.
+- pull: `<uri>/<run_id>/` -> `<dest>/<run_id>/`, driven by the run's newest committed generation
+  (`pgolf.runstore`). Resumable (files already present with the generation's sha256 are skipped),
+  verified (sha256 of every byte written; a mismatch is fetched once more, then is an error), and
+  safe (keys that could escape the destination are refused). manifest.json is written last
+  locally too, so a local folder with a manifest holds exactly that generation. `--all` takes the
+  complete runs unless asked for the others; a run that cannot be pulled is skipped with one line
+  and the others are pulled.
 - ls: one row per run folder from summary.json, falling back to config.json, train_summary.json,
-  eval_summary.json, quant_report.json and compliance.json; missing figures print as `-`.
+  eval_summary.json, quant_report.json and compliance.json; missing figures print as `-`; the
+  status comes from manifest.json.
 - plot: train loss and val_bpb against train time from metrics.jsonl (matplotlib, imported here).
 """
 
@@ -22,9 +25,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pgolf.errors import DataError, StoreError
-from pgolf.store import (ChecksumMismatch, ObjectStore, S3Options, open_store, sha256_file,
-                         validate_key)
-from pgolf.sync import MANIFEST
+from pgolf.runstore import (COMPLETE, MANIFEST, FileEntry, Generation, RunNotFound, check_run_id,
+                            list_runs, read_latest)
+from pgolf.store import (ChecksumMismatch, ObjectStore, S3Options, StoreUnavailable, open_store,
+                         sha256_file)
 
 log = logging.getLogger(__name__)
 
@@ -33,78 +37,21 @@ log = logging.getLogger(__name__)
 # pull
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    path: str
-    size: int
-    sha256: str | None
-
-
 @dataclass
 class PullReport:
     runs: list[str] = field(default_factory=list)
+    statuses: dict[str, str] = field(default_factory=dict)  # pulled run -> its status
     downloaded: int = 0
     skipped: int = 0  # already present with the right sha256
     refetched: int = 0  # a checksum mismatch fixed by a second download
     bytes_downloaded: int = 0
-    partial_runs: list[str] = field(default_factory=list)  # pulled without a manifest
+    left_out: dict[str, str] = field(default_factory=dict)  # --all: unfinished run -> status
+    missing: list[str] = field(default_factory=list)  # named runs the store does not hold
+    errors: dict[str, str] = field(default_factory=dict)  # run -> why it was skipped (one line)
 
-
-def check_run_id(run_id: str) -> str:
-    if "/" in run_id:
-        raise StoreError(f"bad run id {run_id!r}: a run id is one path segment (no '/')")
-    return validate_key(run_id)
-
-
-def list_runs(store: ObjectStore, *, complete_only: bool = True) -> list[str]:
-    """Run ids in the store; with complete_only, only those whose manifest.json exists."""
-    runs: set[str] = set()
-    complete: set[str] = set()
-    for obj in store.list(""):
-        run, sep, rest = obj.key.partition("/")
-        if not sep:
-            continue
-        runs.add(run)
-        if rest == MANIFEST:
-            complete.add(run)
-    return sorted(complete if complete_only else runs)
-
-
-def parse_manifest(run_id: str, data: bytes) -> list[FileEntry]:
-    """Files listed in a manifest; refuses unsafe paths before anything is written."""
-    try:
-        manifest = json.loads(data)
-        entries = [FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"]))
-                   for f in manifest["files"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise StoreError(f"manifest.json of run {run_id} is malformed ({exc}): re-sync the "
-                         "run (pgolf results push)") from None
-    for entry in entries:
-        try:
-            validate_key(entry.path)
-        except StoreError:
-            raise StoreError(f"refusing to pull run {run_id}: its manifest lists an unsafe path "
-                             f"{entry.path!r}") from None
-        if entry.path == MANIFEST:
-            raise StoreError(f"refusing to pull run {run_id}: its manifest lists itself")
-    return entries
-
-
-def _listed_entries(store: ObjectStore, run_id: str) -> list[FileEntry]:
-    """Without a manifest (--partial): whatever is in the store, identity from HEAD."""
-    entries = []
-    for obj in store.list(run_id + "/"):
-        rel = obj.key[len(run_id) + 1:]
-        try:
-            validate_key(rel)
-        except StoreError:
-            raise StoreError(f"refusing to pull run {run_id}: the store holds an unsafe key "
-                             f"{obj.key!r}") from None
-        if rel == MANIFEST:
-            continue
-        head = store.head(obj.key) if obj.sha256 is None else obj
-        entries.append(FileEntry(rel, obj.size, head.sha256 if head else None))
-    return entries
+    @property
+    def ok(self) -> bool:
+        return not self.errors
 
 
 def _local_target(run_root: Path, rel: str) -> Path:
@@ -123,8 +70,8 @@ def _fetch(store: ObjectStore, key: str, entry: FileEntry, target: Path,
     for attempt in (1, 2):
         try:
             info = store.get_file(key, target)
-            got = info.sha256 if info.sha256 and info.sha256 == entry.sha256 else sha256_file(target)
-            if entry.sha256 is None or got == entry.sha256:
+            got = info.sha256 if info.sha256 == entry.sha256 else sha256_file(target)
+            if got == entry.sha256:
                 report.downloaded += 1
                 report.bytes_downloaded += target.stat().st_size
                 report.refetched += attempt - 1
@@ -143,50 +90,62 @@ def _fetch(store: ObjectStore, key: str, entry: FileEntry, target: Path,
 def _up_to_date(target: Path, entry: FileEntry) -> bool:
     if not target.is_file() or target.stat().st_size != entry.size:
         return False
-    return entry.sha256 is None or sha256_file(target) == entry.sha256
+    return sha256_file(target) == entry.sha256
 
 
-def pull_run(store: ObjectStore, run_id: str, dest: Path, *, partial: bool,
-             report: PullReport, bar: Any = None) -> None:
-    check_run_id(run_id)
-    manifest_key = f"{run_id}/{MANIFEST}"
-    manifest = store.get_bytes(manifest_key) if store.head(manifest_key) else None
-    if manifest is None and not partial:
-        raise StoreError(f"run {run_id} has no manifest.json in {store.uri} (still running or "
-                         "crashed before its final sync?): pass --partial to pull what is there")
-    entries = parse_manifest(run_id, manifest) if manifest else _listed_entries(store, run_id)
-    if manifest is None:
-        report.partial_runs.append(run_id)
-    run_root = dest / run_id
-    run_root.mkdir(parents=True, exist_ok=True)
+def _prune_empty_dirs(root: Path) -> None:
+    """After a failed pull: drop the folders it created and left empty (never a file)."""
+    if not root.is_dir():
+        return
+    for dirpath, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass
+
+
+def pull_run(store: ObjectStore, gen: Generation, dest: Path, *, report: PullReport,
+             bar: Any = None) -> None:
+    """Make `dest/<run_id>/` hold generation `gen`; its manifest.json is written last."""
+    run_root = dest / gen.run_id
+    local_manifest = run_root / MANIFEST
+    if local_manifest.is_file() and local_manifest.read_bytes() != gen.raw:
+        local_manifest.unlink()  # the folder is about to change: not that generation any more
     if bar is not None:
-        bar.total = (bar.total or 0) + sum(e.size for e in entries)
+        bar.total = (bar.total or 0) + gen.total_bytes
         bar.refresh()
-    for entry in entries:
-        target = _local_target(run_root, entry.path)
-        if _up_to_date(target, entry):
-            report.skipped += 1
-        else:
-            _fetch(store, f"{run_id}/{entry.path}", entry, target, report)
-        if bar is not None:
-            bar.update(entry.size)
-    if manifest is not None:  # last, like the sync: a local manifest means a complete folder
-        tmp = run_root / f".{MANIFEST}.tmp-{os.getpid()}"
-        tmp.write_bytes(manifest)
-        os.replace(tmp, run_root / MANIFEST)
-    report.runs.append(run_id)
+    try:
+        for entry in sorted(gen.files.values(), key=lambda e: e.path):
+            target = _local_target(run_root, entry.path)
+            if _up_to_date(target, entry):
+                report.skipped += 1
+            else:
+                _fetch(store, f"{gen.run_id}/{entry.key}", entry, target, report)
+            if bar is not None:
+                bar.update(entry.size)
+    except BaseException:
+        _prune_empty_dirs(run_root)
+        raise
+    run_root.mkdir(parents=True, exist_ok=True)
+    tmp = run_root / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_bytes(gen.raw)
+    os.replace(tmp, local_manifest)  # last, like the sync
+    report.runs.append(gen.run_id)
+    report.statuses[gen.run_id] = gen.status
 
 
 def pull(uri: str | ObjectStore, dest: str | Path, run_ids: Iterable[str] = (), *,
-         all_runs: bool = False, partial: bool = False, progress: bool = True,
-         options: S3Options | None = None) -> PullReport:
-    """Pull the given runs (or every run, with all_runs) from `uri` into `dest/<run_id>/`."""
+         all_runs: bool = False, partial: bool = False, if_exists: bool = False,
+         progress: bool = True, options: S3Options | None = None) -> PullReport:
+    """Pull the named runs (whatever their status) and, with all_runs, every complete run (every
+    run with partial) from `uri` into `dest/<run_id>/`. A run that cannot be pulled (malformed or
+    unsafe manifest, corrupt object) goes to report.errors and the others are pulled; a store that
+    cannot be reached raises at once. A named run the store lacks is an error unless if_exists."""
     store = open_store(uri, options) if isinstance(uri, str) else uri
-    ids = [check_run_id(r) for r in run_ids]
-    if all_runs:
-        ids = sorted(set(ids) | set(list_runs(store, complete_only=not partial)))
-    elif not ids:
+    named = [check_run_id(r) for r in run_ids]
+    if not named and not all_runs:
         raise StoreError("nothing to pull: give RUN_IDs or --all")
+    ids = sorted(set(named) | set(list_runs(store))) if all_runs else named
     dest = Path(dest)
     report = PullReport()
     from tqdm import tqdm
@@ -194,10 +153,25 @@ def pull(uri: str | ObjectStore, dest: str | Path, run_ids: Iterable[str] = (), 
     with tqdm(total=0, unit="B", unit_scale=True, desc="pull", disable=not progress or None,
               leave=False) as bar:
         for run_id in ids:
-            pull_run(store, run_id, dest, partial=partial, report=report, bar=bar)
+            try:
+                gen = read_latest(store, run_id)
+                if gen is None:
+                    raise RunNotFound(f"no run {run_id} in {store.uri}: check the id "
+                                      "(pgolf results pull --all --partial pulls every run)")
+                if run_id not in named and not gen.complete and not partial:
+                    report.left_out[run_id] = gen.status
+                    continue
+                pull_run(store, gen, dest, report=report, bar=bar)
+            except StoreUnavailable:
+                raise  # every other run would wait out the same timeouts
+            except (StoreError, OSError) as exc:
+                if if_exists and isinstance(exc, RunNotFound):
+                    report.missing.append(run_id)
+                    continue
+                report.errors[run_id] = str(exc).splitlines()[0] if str(exc) else repr(exc)
     log.debug("pulled %d run(s) from %s into %s: %d file(s) downloaded (%.1f MB), %d already "
-             "present", len(report.runs), store.uri, dest, report.downloaded,
-             report.bytes_downloaded / 1e6, report.skipped)
+              "present", len(report.runs), store.uri, dest, report.downloaded,
+              report.bytes_downloaded / 1e6, report.skipped)
     return report
 
 
@@ -216,7 +190,11 @@ class RunRow:
     eval_s: float | None = None
     compliant: bool | None = None
     cost_usd: float | None = None
-    complete: bool = False  # manifest.json present
+    status: str = "no manifest"  # from manifest.json: complete, running, interrupted (…), failed (…)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == COMPLETE
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -251,7 +229,8 @@ def read_run(run_dir: Path) -> RunRow:
     rules = _read_json(run_dir / "compliance.json")
     train_ms = _num(train.get("train_time_ms"))
     seed = _first(summary.get("seed"), (cfg.get("train") or {}).get("seed"))
-    verdicts = [bool(r.get("ok")) for r in rules.values() if isinstance(r, dict) and "ok" in r]
+    verdicts = [bool(r.get("ok")) for r in rules.values()  # informational rules never count
+                if isinstance(r, dict) and "ok" in r and r.get("enforced", True)]
     total_bytes = _num(_first(summary.get("total_bytes"), quant.get("total_bytes")))
     return RunRow(
         run=str(summary.get("run_id") or run_dir.name),
@@ -264,8 +243,17 @@ def read_run(run_dir: Path) -> RunRow:
         eval_s=_num(_first(summary.get("eval_time_s"), ev.get("eval_time_s"))),
         compliant=all(verdicts) if verdicts else None,
         cost_usd=_num(summary.get("cost_usd")),
-        complete=(run_dir / MANIFEST).is_file(),
+        status=run_status(run_dir),
     )
+
+
+def run_status(run_dir: Path) -> str:
+    """The status its manifest.json records ("complete" for the earlier layout's manifests,
+    which were written only by a finished sync), or "no manifest"."""
+    if not (run_dir / MANIFEST).is_file():
+        return "no manifest"
+    status = _read_json(run_dir / MANIFEST).get("status", COMPLETE)
+    return str(status) if status else "unreadable manifest"
 
 
 def collect(results_dir: str | Path) -> list[RunRow]:
@@ -280,40 +268,44 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def format_table(rows: list[RunRow]) -> str:
-    """Aligned text table; a cost column only when some run reports cost_usd; a mean line."""
+    """Aligned text table with each run's status; a cost column only when some run reports
+    cost_usd; the mean line counts complete runs only."""
     with_cost = any(r.cost_usd is not None for r in rows)
-    header = ["run", "seed", "preset", "val_bpb", "bytes", "train_s", "eval_s", "ok"]
+    header = ["run", "seed", "preset", "val_bpb", "bytes", "train_s", "eval_s", "ok", "status"]
     if with_cost:
         header.append("cost_usd")
     body = []
     for r in rows:
         ok = "-" if r.compliant is None else ("✓" if r.compliant else "✗")
-        cells = [r.run + ("" if r.complete else " (partial)"), _fmt(r.seed, "d"),
-                 r.preset or "-", _fmt(r.val_bpb, ".4f"), _fmt(r.total_bytes, ",d"),
-                 _fmt(r.train_s, ".1f"), _fmt(r.eval_s, ".1f"), ok]
+        cells = [r.run, _fmt(r.seed, "d"), r.preset or "-", _fmt(r.val_bpb, ".4f"),
+                 _fmt(r.total_bytes, ",d"), _fmt(r.train_s, ".1f"), _fmt(r.eval_s, ".1f"), ok,
+                 r.status]
         if with_cost:
             cells.append(_fmt(r.cost_usd, ".2f"))
         body.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h)
               for i, h in enumerate(header)]
-    left = {0, 2}  # text columns; numbers align right
+    left = {0, 2, 8}  # text columns; numbers align right
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i in left else c.rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     out = [line(header)] + [line(c) for c in body]
-    bpbs = [r.val_bpb for r in rows if r.val_bpb is not None]
+    bpbs = [r.val_bpb for r in rows if r.val_bpb is not None and r.complete]
+    others = sum(1 for r in rows if r.val_bpb is not None and not r.complete)
+    note = f"; {others} unfinished run(s) left out" if others else ""
     if len(bpbs) >= 2:
         out.append(f"mean val_bpb {statistics.mean(bpbs):.4f} ± {statistics.stdev(bpbs):.4f} "
-                   f"(sample std, n={len(bpbs)})")
+                   f"(sample std, n={len(bpbs)} complete runs{note})")
     elif not rows:
         out.append("(no runs)")
     return "\n".join(out)
 
 
 def rows_as_json(rows: list[RunRow]) -> str:
-    return json.dumps([asdict(r) for r in rows], indent=2, ensure_ascii=False)
+    return json.dumps([{**asdict(r), "complete": r.complete} for r in rows], indent=2,
+                      ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,13 +315,14 @@ def rows_as_json(rows: list[RunRow]) -> str:
 @dataclass
 class Curves:
     run: str
+    status: str = COMPLETE
     train: list[tuple[float, float]] = field(default_factory=list)  # (train seconds, train_loss)
     val: list[tuple[float, float]] = field(default_factory=list)  # (train seconds, val_bpb)
 
 
 def load_curves(run_dir: Path) -> Curves:
     """Train/val points from metrics.jsonl; lines that are not JSON objects are skipped."""
-    curves = Curves(run=run_dir.name)
+    curves = Curves(run=run_dir.name, status=run_status(run_dir))
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return curves
@@ -369,10 +362,11 @@ def plot(results_dir: str | Path, run_ids: Iterable[str] = (), out: str | Path |
 
     fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(12, 4.5))
     for c in curves:
+        label = c.run if c.status == COMPLETE else f"{c.run} ({c.status})"
         if c.train:
-            ax_loss.plot(*zip(*c.train), label=c.run, linewidth=1)
+            ax_loss.plot(*zip(*c.train), label=label, linewidth=1)
         if c.val:
-            ax_bpb.plot(*zip(*c.val), marker="o", markersize=3, label=c.run)
+            ax_bpb.plot(*zip(*c.val), marker="o", markersize=3, label=label)
     ax_loss.set(title="train loss", xlabel="train time (s)", ylabel="train_loss (nats/token)")
     ax_bpb.set(title="validation", xlabel="train time (s)", ylabel="val_bpb (bits/byte)")
     for ax in (ax_loss, ax_bpb):

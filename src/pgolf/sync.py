@@ -1,63 +1,64 @@
-"""Keep a run folder mirrored in the object store while training runs, and commit it at the end.
+"""Keep a run folder mirrored in the object store while it runs, as committed generations.
 
-    with RunSync(run_dir, cfg.run.results_uri, every_seconds=30) as sync:
-        train(...)                       # a background thread uploads changed files every 30 s
-    # leaving the block (normally, by exception, or by SIGTERM/SIGINT) runs sync.final():
-    # one last upload, then manifest.json (every file's path, size, sha256) is written LAST,
-    # locally and in the store, as the commit marker: manifest present <=> run folder complete.
+    sync = RunSync(run_dir, uri, every_seconds=30, deadline_s=25, resume=False)
+    sync.attach()        # before any work: probe the store; refuse a run id that holds a run
+    with sync:           # a thread uploads changed files and commits a "running" generation
+        train(...)       # whenever something changed, every 30 s
+    # leaving the block (normally, by an exception, or by SIGTERM/SIGINT) runs final(status):
+    # one last round and a generation with the end status, within deadline_s; it never raises.
 
-Store layout: `<uri>/<run_id>/<relative path>`. A re-sync skips files whose (size, sha256) did not
-change since they were uploaded (a local cache; the stat is checked first so unchanged files are
-not even re-hashed). Temp files (`*.tmp*`) and dotfiles are never uploaded: our writers create
-`.<name>.tmp-<uuid>` and rename, so a half-written file is never seen under its final name.
+The store layout and why a kill at any instant loses nothing: `pgolf.runstore`. manifest.json in
+the run folder is the newest generation this folder committed; it is written before the store's
+copy, so a folder is never behind the store it came from.
 
-A store that is down never raises into training: each round logs one warning and the next round
-tries again; final() retries until its deadline, then logs an error and returns a report with
-ok=False (the run folder is intact locally; `pgolf results push RUN_DIR` uploads it later).
+A round uploads only files whose (size, mtime) changed and whose content is not already stored
+(files under 32 MiB are read once, so the hash is of the bytes sent, even for a growing train.log).
+Temp files (`*.tmp*`) and dotfiles are never uploaded: writers create `.<name>.tmp-<uuid>` and
+rename, so a half-written file is never seen under its final name.
+
+A store that is down never raises into training: a round logs one warning and the next round tries
+again. final() stops at its deadline (a spot VM gets 30 s to 2 min after the preemption notice),
+even when a store call hangs, and reports which files the store does not hold; the run folder is
+intact and `pgolf results push RUN_DIR` commits it later.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Callable
 
-from pgolf.errors import StoreError
+from pgolf.errors import ConfigError, StoreError
 from pgolf.fileio import atomic_write_bytes
-from pgolf.store import (ObjectStore, S3Options, StoreUnavailable, open_store, sha256_bytes,
-                         sha256_file, validate_key)
+from pgolf.runstore import (COMPLETE, GENERATIONS, KEEP_GENERATIONS, MANIFEST, RUNNING, FileEntry,
+                            Generation, RunIdTaken, check_run_id, check_store, generation_key,
+                            new_generation, new_lineage, object_key, parse_generation, read_latest)
+from pgolf.store import (ChecksumMismatch, ObjectStore, PreconditionFailed, S3Options,
+                         StoreUnavailable, open_store, sha256_bytes, sha256_file, validate_key)
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 SNAPSHOT_MAX_BYTES = 32 * 1024 * 1024  # smaller files are read once into memory: hash == upload
 WARN_EVERY_S = 120.0  # during an outage, repeat the warning at most this often
-
-
-@dataclass(frozen=True)
-class Uploaded:
-    """What the store holds for one file, plus the local stat it was taken from."""
-
-    size: int
-    sha256: str
-    mtime_ns: int
+TRANSIENT = (StoreUnavailable, ChecksumMismatch, OSError)  # worth another try before the deadline
 
 
 @dataclass
 class SyncReport:
     uploaded: list[str] = field(default_factory=list)
     skipped: int = 0
-    deleted: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # committed before, deleted locally since
     failed: dict[str, str] = field(default_factory=dict)  # relative path -> one-line reason
-    manifest_written: bool = False
+    permanent: bool = False  # a failure that retrying cannot fix (credentials, bucket, 2 writers)
+    generation: int | None = None  # the generation this folder's content is committed as
+    unsynced: list[str] = field(default_factory=list)  # local files the store lacks, when not ok
     seconds: float = 0.0
 
     @property
@@ -92,34 +93,66 @@ def scan_run_dir(run_dir: Path) -> list[str]:
     return sorted(out)
 
 
-def build_manifest(run_id: str, files: dict[str, Uploaded], status: str) -> dict[str, Any]:
-    entries = [{"path": p, "size": u.size, "sha256": u.sha256} for p, u in sorted(files.items())]
-    return {"run_id": run_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "status": status, "total_bytes": sum(u.size for u in files.values()),
-            "files": entries}
+def read_local_generation(run_dir: Path, run_id: str | None = None) -> Generation | None:
+    """The generation a run folder last committed (or was pulled as), from its manifest.json."""
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    return parse_generation(run_id or Path(run_dir).name, path.read_bytes(), str(path))
+
+
+def folder_status(run_dir: Path) -> str:
+    """The status to commit for a folder pushed by hand: complete when the pipeline got to
+    summary.json, else the end status its last commit recorded, else interrupted."""
+    if (Path(run_dir) / "summary.json").is_file():
+        return COMPLETE
+    try:
+        local = read_local_generation(Path(run_dir))
+    except StoreError:
+        local = None
+    if local is not None and local.status not in (RUNNING, COMPLETE):
+        return local.status
+    return "interrupted"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text or type(exc).__name__
 
 
 class RunSync:
-    """Mirror `run_dir` to `<uri>/<run_id>/` every `every_seconds`; final() commits it.
+    """Mirror `run_dir` to `<uri>/<run_id>/` every `every_seconds`; final() commits the end.
 
     `uri` is a store URI (`s3://bucket/prefix`, `file:///dir`) or an opened ObjectStore.
-    `every_seconds <= 0` disables the thread (only final() uploads). `final_timeout_s` bounds
-    how long final() keeps retrying a store that is down.
+    `every_seconds <= 0` disables the thread (only final() uploads). `deadline_s` bounds final().
+    `resume=True` may continue a run the store already holds, if this folder is a copy of it.
     """
 
     def __init__(self, run_dir: str | Path, uri: str | ObjectStore, *, run_id: str | None = None,
-                 every_seconds: float = 30.0, final_timeout_s: float = 60.0,
-                 retry_every_s: float = 2.0, options: S3Options | None = None):
+                 every_seconds: float = 30.0, deadline_s: float = 25.0,
+                 retry_every_s: float = 1.0, options: S3Options | None = None,
+                 resume: bool = False):
+        if not (math.isfinite(every_seconds) and math.isfinite(deadline_s) and deadline_s > 0):
+            raise ConfigError(f"sync every {every_seconds} s with a {deadline_s} s deadline: both "
+                              "must be finite and the deadline > 0 (SYNC_EVERY_SECONDS, "
+                              "SYNC_DEADLINE_SECONDS)")
         self.run_dir = Path(run_dir)
-        self.run_id = run_id or self.run_dir.resolve().name
-        if "/" in self.run_id:
-            raise StoreError(f"run id {self.run_id!r} contains '/': use one path segment")
-        validate_key(self.run_id)
+        self.run_id = check_run_id(run_id or self.run_dir.resolve().name)
         self.store: ObjectStore = open_store(uri, options) if isinstance(uri, str) else uri
         self.every_seconds = every_seconds
-        self.final_timeout_s = final_timeout_s
+        self.deadline_s = deadline_s
         self.retry_every_s = retry_every_s
-        self.uploaded: dict[str, Uploaded] = {}
+        self.resume = resume
+        self.files: dict[str, FileEntry] = {}  # local files as last uploaded by this process
+        self._stat: dict[str, tuple[int, int]] = {}  # (size, mtime_ns) each entry was read at
+        self.local: set[str] = set()  # the last scan
+        self.seen: set[str] = set()  # every path this process found locally
+        self.base: dict[str, FileEntry] = {}  # the committed generation this run continues
+        self.remote_keys: set[str] = set()  # object keys (under <run_id>/) known to exist
+        self.committed: list[Generation] = []  # the newest KEEP_GENERATIONS, oldest first
+        self.next_number = 1
+        self.lineage = new_lineage()
+        self.attached = False
         self.rounds = 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -133,38 +166,212 @@ class RunSync:
     def key(self, rel: str) -> str:
         return f"{self.run_id}/{rel}"
 
+    @property
+    def report(self) -> SyncReport | None:
+        """final()'s report, once it ran."""
+        return self._final
+
+    # -- before any work -----------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Probe the store, then read what it holds of this run id. Raises a one-line StoreError
+        when the store is unusable, when a new run would reuse a committed run's id, or when a
+        resumed folder is not a copy of the newest committed generation."""
+        if self.attached:
+            return
+        check_store(self.store)
+        stored = read_latest(self.store, self.run_id)
+        local = read_local_generation(self.run_dir, self.run_id) if self.resume else None
+        where = f"{self.store.uri}/{self.run_id}"
+        if stored is not None:
+            if not self.resume:
+                raise RunIdTaken(f"run id {self.run_id} already holds a committed run in {where} "
+                                 f"({stored.describe()}): choose another RUN_ID, or pass "
+                                 "--resume to continue that run")
+            if local is None or local.lineage != stored.lineage or local.number < stored.number:
+                have = "no manifest.json" if local is None else local.describe()
+                raise StoreError(f"--resume: {self.run_dir} ({have}) is not a copy of the newest "
+                                 f"committed generation of {where} ({stored.describe()}): pull it "
+                                 f"first (pgolf results pull {self.run_id} --from "
+                                 f"{self.store.uri} --to {self.run_dir.parent})")
+            self.base = dict(stored.files)
+            self.committed = [stored]
+        if local is not None:
+            self.lineage = local.lineage or self.lineage
+            self.next_number = local.number + 1
+        if stored is not None:
+            self.lineage = stored.lineage or self.lineage
+            self.next_number = max(self.next_number, stored.number + 1)
+        prefix = self.run_id + "/"
+        self.remote_keys = {o.key[len(prefix):] for o in self.store.list(prefix)}
+        self.attached = True
+
     # -- one round -----------------------------------------------------------------------------
 
-    def sync_once(self) -> SyncReport:
-        """Upload new or changed files now. Never raises: failures are in report.failed."""
+    def sync_once(self, status: str = RUNNING) -> SyncReport:
+        """Upload new or changed files, then commit a generation if anything changed.
+        Never raises: failures are in report.failed."""
         t0 = time.monotonic()
-        report = SyncReport()
         with self._lock:
-            try:
-                rels = scan_run_dir(self.run_dir) if self.run_dir.is_dir() else []
-            except OSError as exc:
-                report.failed["."] = f"cannot scan {self.run_dir}: {exc}"
-                rels = []
-            for rel in rels:
-                try:
-                    if self._sync_file(rel):
-                        report.uploaded.append(rel)
-                    else:
-                        report.skipped += 1
-                except FileNotFoundError:
-                    continue  # removed between the scan and the read (a rotated checkpoint)
-                except StoreUnavailable as exc:
-                    # Every other file would wait out the same timeout: end the round now.
-                    report.failed[rel] = str(exc)
-                    break
-                except (StoreError, OSError) as exc:
-                    report.failed[rel] = str(exc).splitlines()[0] if str(exc) else repr(exc)
-                except Exception as exc:  # never into training
-                    report.failed[rel] = f"{type(exc).__name__}: {exc}"
+            report = self._round_and_commit(status)
             self.rounds += 1
         report.seconds = time.monotonic() - t0
         self._log_round(report)
         return report
+
+    def _round_and_commit(self, status: str) -> SyncReport:
+        report = SyncReport()
+        try:
+            self.attach()
+            self._upload_changed(report)
+            if report.ok:
+                self._commit(status, report)
+        except PreconditionFailed as exc:
+            report.failed[MANIFEST] = (f"another process committed generation "
+                                       f"{self.next_number} of {self.run_id} first: two writers "
+                                       f"for one run id ({_one_line(exc)})")
+            report.permanent = True
+        except TRANSIENT as exc:
+            report.failed.setdefault(MANIFEST, _one_line(exc))
+        except StoreError as exc:
+            report.failed.setdefault(MANIFEST, _one_line(exc))
+            report.permanent = True
+        except Exception as exc:  # never into training
+            report.failed.setdefault(MANIFEST, f"{type(exc).__name__}: {exc}")
+        return report
+
+    def _upload_changed(self, report: SyncReport) -> None:
+        rels = scan_run_dir(self.run_dir) if self.run_dir.is_dir() else []
+        self.local = set(rels)
+        self.seen.update(rels)
+        for rel in rels:
+            try:
+                if self._sync_file(rel):
+                    report.uploaded.append(rel)
+                else:
+                    report.skipped += 1
+            except FileNotFoundError:
+                self.local.discard(rel)  # removed between the scan and the read
+            except StoreUnavailable as exc:
+                report.failed[rel] = _one_line(exc)  # every other file would wait out the same
+                break                                # timeout: end the round now
+            except StoreError as exc:
+                report.failed[rel] = _one_line(exc)
+                report.permanent = report.permanent or not isinstance(exc, ChecksumMismatch)
+            except OSError as exc:
+                report.failed[rel] = _one_line(exc)
+
+    def _sync_file(self, rel: str) -> bool:
+        """Make the store hold this file's current content under its own key. True if sent."""
+        path = self.run_dir / rel
+        st = path.stat()
+        stat = (st.st_size, st.st_mtime_ns)
+        if self._stat.get(rel) == stat and rel in self.files:
+            return False
+        if st.st_size <= SNAPSHOT_MAX_BYTES:
+            data = path.read_bytes()  # growing logs: hash and send the very same bytes
+            sha = sha256_bytes(data)
+            entry = FileEntry(rel, len(data), sha, object_key(rel, sha))
+            sent = entry.key not in self.remote_keys
+            if sent:
+                self.store.put_bytes(self.key(entry.key), data)
+            complete = len(data) == st.st_size
+        else:
+            sha = sha256_file(path)
+            entry = FileEntry(rel, st.st_size, sha, object_key(rel, sha))
+            sent = entry.key not in self.remote_keys
+            if sent:
+                info = self.store.put_file(self.key(entry.key), path)
+                if info.sha256 != sha:  # replaced between our hash and the upload: next round
+                    self.store.delete(self.key(entry.key))
+                    return True
+            complete = (path.stat().st_size, path.stat().st_mtime_ns) == stat
+        self.remote_keys.add(entry.key)
+        self.files[rel] = entry
+        if complete:
+            self._stat[rel] = stat
+        else:
+            self._stat.pop(rel, None)  # changed while read: look again next round
+        return sent
+
+    def _commit(self, status: str, report: SyncReport) -> None:
+        """Write the next generation if the folder or the status changed, then clean up."""
+        newest = self.committed[-1] if self.committed else None
+        if newest is not None and newest.status == status and newest.files == self._candidate():
+            report.generation = newest.number  # nothing new: not even a listing
+            return
+        prefix = self.run_id + "/"
+        listing = {o.key[len(prefix):]: o.size for o in self.store.list(prefix)}
+        lost = sorted(rel for rel in self.local if rel in self.files
+                      and listing.get(self.files[rel].key) != self.files[rel].size)
+        if lost:  # the store lost objects (a server restarted without its data): send again
+            log.warning("store is missing %d file(s) of %s (e.g. %s): uploading again",
+                        len(lost), self.run_id, lost[0])
+            for rel in lost:
+                self.remote_keys.discard(self.files[rel].key)
+                self._stat.pop(rel, None)
+            self._upload_changed(report)
+            if not report.ok:
+                return
+            listing = {o.key[len(prefix):]: o.size for o in self.store.list(prefix)}
+        files = self._candidate()
+        for rel, entry in list(files.items()):
+            if rel not in self.local and listing.get(entry.key) != entry.size:
+                log.warning("the store lost %s of %s (committed earlier, not in this folder)",
+                            rel, self.run_id)
+                del files[rel]
+        if newest is not None:
+            report.dropped = sorted(set(newest.files) - set(files))
+            if newest.status == status and newest.files == files:
+                report.generation = newest.number
+                return
+        gen = new_generation(self.run_id, self.next_number, status, self.lineage, files)
+        atomic_write_bytes(self.run_dir / MANIFEST, gen.raw)  # the folder first: never behind
+        self.store.put_bytes(self.key(generation_key(gen.number)), gen.raw, if_absent=True)
+        self.store.put_bytes(self.key(MANIFEST), gen.raw)
+        self.committed = (self.committed + [gen])[-KEEP_GENERATIONS:]
+        self.next_number = gen.number + 1
+        report.generation = gen.number
+        self._collect_garbage(listing)
+
+    def _candidate(self) -> dict[str, FileEntry]:
+        """The next generation's files: this folder's, plus committed files it never had."""
+        files = {rel: e for rel, e in self.base.items() if rel not in self.seen}
+        files.update((rel, self.files[rel]) for rel in self.local if rel in self.files)
+        return files
+
+    def _collect_garbage(self, listing: dict[str, int]) -> None:
+        """Delete what the kept generations do not name: old generation files first, so a
+        generation file never names a deleted object. Best effort: a failure waits for the
+        next commit."""
+        keep = {MANIFEST} | {generation_key(g.number) for g in self.committed}
+        keep |= {e.key for g in self.committed for e in g.files.values()}
+        stale = sorted((k for k in listing if k not in keep),
+                       key=lambda k: (not k.startswith(GENERATIONS + "/"), k))
+        for rel in stale:
+            try:
+                self.store.delete(self.key(rel))
+            except (StoreError, OSError) as exc:
+                log.debug("clean-up of %s/%s postponed: %s", self.run_id, rel, exc)
+                return
+            self.remote_keys.discard(rel)
+
+    def pending(self) -> list[str]:
+        """Local files whose current content the newest committed generation does not hold.
+        Safe to call while another thread is stuck in a store call."""
+        newest = dict(self.committed[-1].files) if self.committed else {}
+        files, stats = dict(self.files), dict(self._stat)
+        out = []
+        for rel in scan_run_dir(self.run_dir) if self.run_dir.is_dir() else []:
+            try:
+                st = (self.run_dir / rel).stat()
+            except OSError:
+                continue
+            entry = newest.get(rel)
+            if entry is None or files.get(rel) != entry or stats.get(rel) != (st.st_size,
+                                                                              st.st_mtime_ns):
+                out.append(rel)
+        return out
 
     def _log_round(self, report: SyncReport) -> None:
         """One warning when an outage starts, then at most one per WARN_EVERY_S, so a store that
@@ -184,40 +391,14 @@ class RunSync:
                      now - self._failing_since)
             self._failing_since = None
         if report.uploaded:
-            log.info("synced %d file(s) of %s to %s in %.1f s", len(report.uploaded),
-                     self.run_id, self.store.uri, report.seconds)
-
-    def _sync_file(self, rel: str) -> bool:
-        """Upload one file if its content changed since the last upload. True if uploaded."""
-        path = self.run_dir / rel
-        st = path.stat()
-        prev = self.uploaded.get(rel)
-        if prev and prev.size == st.st_size and prev.mtime_ns == st.st_mtime_ns:
-            return False
-        if st.st_size <= SNAPSHOT_MAX_BYTES:
-            # Growing logs: hash and upload the very same snapshot of bytes.
-            data = path.read_bytes()
-            sha = sha256_bytes(data)
-            if not (prev and prev.size == len(data) and prev.sha256 == sha):
-                self.store.put_bytes(self.key(rel), data)
-            uploaded = prev is None or prev.sha256 != sha or prev.size != len(data)
-            self.uploaded[rel] = Uploaded(len(data), sha, st.st_mtime_ns)
-            return uploaded
-        sha = sha256_file(path)
-        if prev and prev.size == st.st_size and prev.sha256 == sha:
-            self.uploaded[rel] = Uploaded(st.st_size, sha, st.st_mtime_ns)
-            return False
-        info = self.store.put_file(self.key(rel), path)
-        after = path.stat()
-        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or info.sha256 != sha:
-            self.uploaded.pop(rel, None)  # changed while uploading: send again next round
-            return True
-        self.uploaded[rel] = Uploaded(st.st_size, sha, st.st_mtime_ns)
-        return True
+            log.info("synced %d file(s) of %s to %s in %.1f s (generation %s)",
+                     len(report.uploaded), self.run_id, self.store.uri, report.seconds,
+                     report.generation)
 
     # -- the thread ----------------------------------------------------------------------------
 
     def start(self) -> "RunSync":
+        self.attach()
         if self.every_seconds > 0 and self._thread is None:
             self._thread = threading.Thread(target=self._loop, name=f"runsync-{self.run_id}",
                                             daemon=True)
@@ -242,69 +423,62 @@ class RunSync:
     # -- the commit ----------------------------------------------------------------------------
 
     def final(self, status: str = "complete") -> SyncReport:
-        """Last sync, then manifest.json last (locally and in the store). Idempotent; never
-        raises. Retries a failing store every retry_every_s until final_timeout_s."""
+        """Last round and a generation with `status`, within deadline_s even if a store call
+        hangs. Idempotent; never raises; report.unsynced names what the store lacks."""
         if self._final is not None:
             return self._final
         self._in_final = True
-        self.stop(timeout_s=self.final_timeout_s)  # outside the lock: the thread may hold it
-        with self._lock:
-            if self._final is not None:
-                return self._final
-            deadline = time.monotonic() + self.final_timeout_s
-            while True:
-                report = self._final_attempt(status)
-                if report.ok or time.monotonic() + self.retry_every_s > deadline:
-                    break
-                time.sleep(self.retry_every_s)
-            if report.ok:
-                log.info("run %s committed to %s/%s (%d files, manifest.json last)", self.run_id,
-                         self.store.uri, self.run_id, len(self.uploaded))
-            else:
-                log.error("final sync of %s to %s incomplete after %.1f s (%d failed, e.g. %s); "
-                          "the run folder is intact: pgolf results push %s --to %s",
-                          self.run_id, self.store.uri, self.final_timeout_s, len(report.failed),
-                          next(iter(report.failed.values())), self.run_dir, self.store.uri)
-            self._final = report
-            return report
-
-    def _final_attempt(self, status: str) -> SyncReport:
-        report = self.sync_once()
-        if not report.ok:
-            return report
-        try:
-            self._reconcile(report)
-            if report.ok:
-                manifest = build_manifest(self.run_id, self.uploaded, status)
-                data = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
-                atomic_write_bytes(self.run_dir / MANIFEST, data)
-                self.store.put_bytes(self.key(MANIFEST), data)
-                report.manifest_written = True
-        except (StoreError, OSError) as exc:
-            report.failed[MANIFEST] = str(exc)
-        except Exception as exc:  # final() promises not to raise into the caller
-            report.failed[MANIFEST] = f"{type(exc).__name__}: {exc}"
+        self._stop.set()
+        deadline = time.monotonic() + self.deadline_s
+        box: list[SyncReport] = []
+        worker = threading.Thread(target=lambda: box.append(self._final_work(status, deadline)),
+                                  name=f"runsync-final-{self.run_id}", daemon=True)
+        worker.start()
+        worker.join(max(0.0, deadline - time.monotonic()) + 0.2)
+        if box:
+            report = box[0]
+        else:  # a store call is still hanging: leave it behind (a daemon thread)
+            report = SyncReport(failed={MANIFEST: f"the store did not answer within "
+                                                  f"{self.deadline_s:g} s"})
+            report.unsynced = self.pending()
+        self._final = report
+        self._log_final(report)
         return report
 
-    def _reconcile(self, report: SyncReport) -> None:
-        """Before committing: drop objects of files deleted locally, and re-send any file the
-        store lost (a server restarted without its data), so the manifest never lies."""
-        local = set(scan_run_dir(self.run_dir)) if self.run_dir.is_dir() else set()
-        for rel in sorted(set(self.uploaded) - local):
-            self.store.delete(self.key(rel))
-            del self.uploaded[rel]
-            report.deleted.append(rel)
-        remote = {o.key[len(self.run_id) + 1:]: o.size
-                  for o in self.store.list(self.run_id + "/")}
-        lost = [rel for rel, up in self.uploaded.items() if remote.get(rel) != up.size]
-        if lost:
-            log.warning("store is missing %d file(s) of %s (e.g. %s): uploading again",
-                        len(lost), self.run_id, lost[0])
-            for rel in lost:
-                del self.uploaded[rel]
-            again = self.sync_once()
-            report.uploaded += again.uploaded
-            report.failed.update(again.failed)
+    def _final_work(self, status: str, deadline: float) -> SyncReport:
+        if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            report = SyncReport(failed={MANIFEST: "a background upload is stuck in a store call"})
+            report.unsynced = self.pending()
+            return report
+        try:
+            t0 = time.monotonic()
+            while True:
+                report = self._round_and_commit(status)
+                if report.ok or report.permanent or \
+                        time.monotonic() + self.retry_every_s > deadline:
+                    break
+                time.sleep(self.retry_every_s)
+            report.seconds = time.monotonic() - t0
+            if not report.ok:
+                report.unsynced = self.pending()
+            return report
+        finally:
+            self._lock.release()
+
+    def _log_final(self, report: SyncReport) -> None:
+        where = f"{self.store.uri}/{self.run_id}"
+        if report.ok:
+            newest = self.committed[-1] if self.committed else None
+            log.info("run %s committed to %s: %s", self.run_id, where,
+                     newest.describe() if newest else "nothing to commit")
+            return
+        missing = report.unsynced
+        shown = ", ".join(missing[:5]) + (", …" if len(missing) > 5 else "")
+        log.error("final sync of %s to %s did not commit within %g s (%s): %d file(s) not in the "
+                  "store%s; the run folder is intact at %s: pgolf results push %s --to %s",
+                  self.run_id, where, self.deadline_s, next(iter(report.failed.values())),
+                  len(missing), f" ({shown})" if missing else "", self.run_dir.resolve(),
+                  self.run_dir.resolve(), self.store.uri)
 
     # -- exits and signals ---------------------------------------------------------------------
 

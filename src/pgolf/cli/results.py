@@ -31,14 +31,32 @@ def _results_uri(explicit: str | None) -> str:
 def cmd_pull(args: argparse.Namespace) -> int:
     from pgolf import results
 
+    from pgolf.store import S3Options
+
+    # a server that accepts connections and never answers: every request gives up within timeout
+    per_try = max(0.5, args.timeout / 3)
+    options = S3Options(max_attempts=3, connect_timeout=min(5.0, per_try), read_timeout=per_try)
     report = results.pull(_results_uri(args.source), args.dest, args.run_ids,
-                          all_runs=args.all, partial=args.partial,
-                          progress=not args.no_progress)
+                          all_runs=args.all, partial=args.partial, if_exists=args.if_exists,
+                          progress=not args.no_progress, options=options)
     print(f"pulled {len(report.runs)} run(s) into {args.dest}: {report.downloaded} file(s) "
           f"downloaded ({report.bytes_downloaded / 1e6:.1f} MB), {report.skipped} already "
           f"present, {report.refetched} re-fetched after a checksum mismatch")
-    if report.partial_runs:
-        print(f"without manifest (partial): {', '.join(report.partial_runs)}")
+    unfinished = [f"{run} ({status})" for run, status in report.statuses.items()
+                  if status != "complete"]
+    if unfinished:
+        print(f"not complete: {', '.join(unfinished)}")
+    if report.left_out:
+        print(f"left out {len(report.left_out)} unfinished run(s) (--partial pulls them): "
+              + ", ".join(f"{run} ({status})" for run, status in report.left_out.items()))
+    if report.missing:
+        print(f"not in the store: {', '.join(report.missing)}")
+    for run_id, why in report.errors.items():
+        print(f"error: skipped run {run_id}: {why}", file=sys.stderr)
+    if report.errors:
+        print(f"error: {len(report.errors)} run(s) could not be pulled; the others were",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -59,19 +77,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from pgolf.errors import StoreError
-    from pgolf.sync import RunSync
+    from pgolf.sync import RunSync, folder_status
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise StoreError(f"no run folder {run_dir}: give runs/<run_id>")
     sync = RunSync(run_dir, _results_uri(args.dest), run_id=args.run_id, every_seconds=0,
-                   final_timeout_s=args.timeout)
-    report = sync.final(status="pushed")
+                   deadline_s=args.timeout, resume=True)
+    sync.attach()
+    report = sync.final(status=folder_status(run_dir))
     if not report.ok:
-        raise StoreError(f"push of {run_dir} incomplete: {len(report.failed)} file(s) failed, "
-                         f"e.g. {next(iter(report.failed.values()))}")
-    print(f"pushed {run_dir} to {sync.store.uri}/{sync.run_id} ({len(sync.uploaded)} files, "
-          f"{len(report.uploaded)} uploaded, manifest.json last)")
+        raise StoreError(f"push of {run_dir} did not commit: {len(report.unsynced)} file(s) not "
+                         f"in the store, e.g. {next(iter(report.failed.values()))}")
+    print(f"pushed {run_dir} to {sync.store.uri}/{sync.run_id} as generation "
+          f"{report.generation} ({sync.committed[-1].status}, {len(sync.committed[-1].files)} "
+          f"files, {len(report.uploaded)} uploaded, manifest.json last)")
     return 0
 
 
@@ -132,13 +152,20 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
     p = rsub.add_parser("pull", help="download run folders (resumable, sha256-verified)")
     p.add_argument("run_ids", nargs="*", metavar="RUN_ID")
-    p.add_argument("--all", action="store_true", help="every run with a manifest.json")
+    p.add_argument("--all", action="store_true",
+                   help="every complete run (with --partial: every run, whatever its status)")
     p.add_argument("--from", dest="source", metavar="URI", help="store URI (default $RESULTS_URI)")
     p.add_argument("--to", dest="dest", default=DEFAULT_RESULTS_DIR, metavar="DIR",
                    help=f"destination folder (default {DEFAULT_RESULTS_DIR}/)")
     p.add_argument("--partial", action="store_true",
-                   help="also pull runs without manifest.json (still running or crashed)")
+                   help="with --all: also runs that are running, interrupted or failed (a named "
+                        "run is pulled whatever its status)")
+    p.add_argument("--if-exists", action="store_true",
+                   help="a named run the store does not hold is not an error (resume scripts)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds a silent store may stall one request, retries included "
+                        "(default 30; a slow transfer that keeps sending is not cut)")
     p.set_defaults(func=cmd_pull)
 
     p = rsub.add_parser("ls", help="table of pulled runs: val_bpb, bytes, times, compliance")
@@ -156,7 +183,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--to", dest="dest", metavar="URI", help="store URI (default $RESULTS_URI)")
     p.add_argument("--run-id", default=None, help="default: the folder's name")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to keep retrying")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="deadline in seconds for the whole push (default 60)")
     p.set_defaults(func=cmd_push)
 
     p = rsub.add_parser("sync", help="run a command that writes runs/<run_id>/, syncing that folder meanwhile",
