@@ -246,9 +246,15 @@ def test_resume_follows_the_uninterrupted_trajectory_bit_exactly(small_data, tmp
     partial = train(cfg, cut, interrupt_after_step=2)
     assert partial.stop_reason == "interrupted" and (cut / "checkpoint" / "state.pt").is_file()
     assert not (cut / "checkpoint" / "model.pt").exists()
+    # what a process killed a moment after that checkpoint had already logged: a resume rewrites
+    # these steps, so it cuts them first instead of logging them twice
+    with open(cut / "train.log", "a") as log, open(cut / "metrics.jsonl", "a") as metrics:
+        log.write("step:3/4 train_loss:9.9 train_time:1ms step_avg:1ms\n")
+        metrics.write('{"event": "train", "step": 3, "train_loss": 9.9, "train_time_ms": 1}\n')
     train(cfg, cut, resume=True)
 
     assert [e["step"] for e in _events(cut, "train")] == [1, 2, 3, 4]
+    assert (cut / "train.log").read_text().count("step:3/4 train_loss") == 1
     assert _losses(cut) == _losses(straight)  # bit-exact on CPU
     a = torch.load(straight / "checkpoint" / "model.pt", weights_only=True)
     b = torch.load(cut / "checkpoint" / "model.pt", weights_only=True)

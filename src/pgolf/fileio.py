@@ -33,6 +33,36 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
     return path
 
 
+def atomic_torch_save(path: str | os.PathLike[str], obj: Any) -> Path:
+    """torch.save, atomically. torch's zip writer swallows the OSError of a failed write (a full
+    disk, a file size limit) and raises `RuntimeError: unexpected pos`; this re-raises the OSError,
+    so the CLI can say what happened in one line."""
+    import torch
+
+    def write(fh: IO[bytes]) -> None:
+        errors: list[OSError] = []
+
+        class Sink:
+            def write(self, data: bytes) -> int:
+                try:
+                    return fh.write(data)
+                except OSError as exc:
+                    errors.append(exc)
+                    raise
+
+            def flush(self) -> None:
+                fh.flush()
+
+        try:
+            torch.save(obj, Sink())
+        except RuntimeError:
+            if errors:
+                raise errors[0] from None
+            raise
+
+    return atomic_write(path, write)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return atomic_write(path, lambda fh: fh.write(data))
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pgolf.errors import ArtifactError
+from pgolf.fileio import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +192,7 @@ def calibrate_checkpoint(cfg, checkpoint: Path, hessians_path: Path, model: nn.M
         snapshot = {k: v.detach().to("cpu", dtype=torch.float32 if v.is_floating_point() else v.dtype, copy=True)
                     for k, v in model.state_dict().items()}
         if rank == 0 and not checkpoint.exists():
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(snapshot, checkpoint)
+            atomic_torch_save(checkpoint, snapshot)
         del snapshot
     device = next(model.parameters()).device
     was_training = model.training
@@ -236,10 +236,7 @@ def calibrate_checkpoint(cfg, checkpoint: Path, hessians_path: Path, model: nn.M
     meta = {"source": q.calib_source, "tokens_per_rank": tokens, "world_size": world,
             "batches": q.calib_batches, "seq_len": cfg.train.train_seq_len}
     if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"hessians": hessians, "meta": meta}, tmp)
-        tmp.replace(path)
+        atomic_torch_save(path, {"hessians": hessians, "meta": meta})
     else:
         path = None
     seconds = time.perf_counter() - t0

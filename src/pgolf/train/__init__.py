@@ -9,5 +9,7 @@
 
 from pgolf.dist import DistContext, distributed_context
 from pgolf.train.loop import TrainResult, train
+from pgolf.train.runlog import RunLog
+from pgolf.train.state import check_fits
 
-__all__ = ["DistContext", "TrainResult", "distributed_context", "train"]
+__all__ = ["DistContext", "RunLog", "TrainResult", "check_fits", "distributed_context", "train"]

@@ -40,7 +40,8 @@ from pgolf.optim import Optimizers, build_optimizers, momentum_at
 from pgolf.fileio import atomic_write_json
 from pgolf.train.runlog import RunLog, atomic_torch_save
 from pgolf.train.schedule import grad_accum_steps, lr_multiplier, train_cap_ms
-from pgolf.train.state import EMA, export_weights, load_state, rng_state, save_state, set_rng_state
+from pgolf.train.state import (EMA, check_fits, export_weights, load_state, rng_state, save_state,
+                              set_rng_state)
 from pgolf.train.validate import ValData, evaluate_rows, load_val
 
 # fields that may differ between a checkpoint's run and the run resuming it
@@ -48,6 +49,7 @@ RESUMABLE_CHANGES = {
     "max_wallclock_seconds", "gptq_reserve_seconds", "checkpoint_every_seconds", "val_loss_every",
     "val_batch_size", "train_log_every", "device", "iterations", "warmup_steps", "torch_compile",
     "attention_backend", "run_id", "runs_dir", "results_uri", "sync_every_seconds", "image", "image_digest",
+    "sync_deadline_seconds",
 }
 
 
@@ -95,6 +97,7 @@ class _Run:
         self.ctx = dist.distributed_context(cfg.train.device)
         self.device = self.ctx.device
         self.is_cuda = self.device.type == "cuda"
+        check_fits(cfg, self.device)
         self.log = RunLog(run_dir, self.ctx.is_main)
         self.accum = grad_accum_steps(self.t.train_batch_tokens, self.ctx.world_size,
                                       self.t.micro_batch_seqs, self.t.train_seq_len)
@@ -102,6 +105,9 @@ class _Run:
         if resume and not dist.agree((run_dir / "checkpoint" / "state.pt").is_file()):
             raise TrainingError(f"--resume: {run_dir}/checkpoint/state.pt does not exist; "
                                 "the first run needs CHECKPOINT_EVERY_SECONDS>0")
+        self.resume_state = load_state(run_dir / "checkpoint" / "state.pt") if resume else None
+        if self.resume_state is not None:  # the lines after the checkpoint are about to be rewritten
+            self.log.rewind(self.resume_state.get("log_offsets") or {})
         if self.ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run_dir / "config.json", cfg.to_dict())
@@ -320,6 +326,7 @@ class _Run:
             model=self.model.state_dict(), optimizers=self.opts.state_dict(),
             ema=self.ema.state_dict() if self.ema else None, loader=self.loader.state_dict(),
             rng=rng_state(), config=self.cfg.to_dict(), world_size=self.ctx.world_size,
+            log_offsets=self.log.offsets() if self.ctx.is_main else None,
         )
 
     def save_checkpoint(self) -> None:
@@ -333,7 +340,8 @@ class _Run:
 
     def load_checkpoint(self) -> None:
         path = self.run_dir / "checkpoint" / "state.pt"
-        state = load_state(path)
+        state = self.resume_state or load_state(path)
+        self.resume_state = None
         self.check_resumable(state["config"])
         self.model.load_state_dict(state["model"])
         self.opts.load_state_dict(state["optimizers"])

@@ -14,15 +14,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pgolf.fileio import atomic_write
+from pgolf.fileio import atomic_torch_save  # noqa: F401  (the trainer's checkpoints use it)
 
 log = logging.getLogger("pgolf.train")
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    import torch
-
-    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _json_safe(value: Any) -> Any:
@@ -40,6 +34,22 @@ class RunLog:
         self.metrics_path = run_dir / "metrics.jsonl"
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
+
+    def offsets(self) -> dict[str, int]:
+        """How long each log is now: saved with a checkpoint, so a resume can cut what followed."""
+        return {p.name: p.stat().st_size if p.is_file() else 0
+                for p in (self.log_path, self.metrics_path)}
+
+    def rewind(self, offsets: dict[str, int]) -> None:
+        """Cut each log back to `offsets` (a resumed run rewrites what came after its checkpoint,
+        so those lines would appear twice). A log shorter than its offset is left alone."""
+        if not self.enabled:
+            return
+        for path in (self.log_path, self.metrics_path):
+            size = int(offsets.get(path.name, -1))
+            if path.is_file() and 0 <= size < path.stat().st_size:
+                with open(path, "r+b") as fh:
+                    fh.truncate(size)
 
     def line(self, text: str) -> None:
         """One human line in train.log (and on stderr through `logging`)."""

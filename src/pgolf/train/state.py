@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pgolf.errors import TrainingError
+from pgolf.config import Config
+from pgolf.errors import ConfigError, TrainingError
 from pgolf.train.runlog import atomic_torch_save
 
 STATE_VERSION = 1
@@ -66,6 +68,34 @@ def export_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         t = t.detach().to("cpu")
         out[name] = t.float().clone() if t.is_floating_point() else t.clone()
     return out
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of the device training runs on (the machine's RAM for the CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[1])
+    return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_fits(cfg: Config, device: torch.device) -> None:
+    """Refuse, before the model is built, a shape whose training state cannot fit on `device`.
+
+    A lower bound, so it never refuses a model that fits: only the big matrices are counted
+    (embedding, attention, MLP, an untied head), at 12 bytes a parameter for fp32 weights,
+    gradients and one optimizer moment (16 with the EMA), plus one micro-batch of fp32 logits.
+    Activations, the second Adam moment, small tensors and allocator slack come on top.
+    """
+    m, t = cfg.model, cfg.train
+    kv_dim = m.num_kv_heads * m.head_dim
+    per_layer = 2 * m.model_dim * m.model_dim + 2 * m.model_dim * kv_dim + 2 * m.model_dim * m.mlp_hidden
+    params = m.vocab_size * m.model_dim * (1 if m.tie_embeddings else 2) + m.num_layers * per_layer
+    need = params * (16 if t.ema_decay > 0 else 12) + 4 * t.micro_batch_seqs * t.train_seq_len * m.vocab_size
+    have = device_memory_bytes(device)
+    if need > have:
+        raise ConfigError(
+            f"the model cannot fit: over {params:,} parameters need at least {need / 2**30:,.1f} GiB for "
+            f"weights, gradients, optimizer state and logits; {device} has {have / 2**30:,.1f} GiB: lower "
+            "MODEL_DIM, NUM_LAYERS, MLP_MULT, VOCAB_SIZE or MICRO_BATCH_SEQS")
 
 
 def rng_state() -> dict[str, Any]:
