@@ -53,3 +53,19 @@ def sp1024_model() -> Path:
 def sky_home(tmp_path_factory) -> Path:
     """A throwaway HOME for SkyPilot: `import sky` writes ~/.sky (cloud-launch doc §2.1)."""
     return tmp_path_factory.mktemp("sky-home")
+
+
+@pytest.fixture(scope="session")
+def pipeline_data(offline_data: Path, tmp_path_factory) -> Path:
+    """The offline corpus cut down (40K train, 6K val tokens) so a whole `pgolf run` takes seconds."""
+    import numpy as np
+
+    from pgolf.data.shards import read_shard, write_shard
+
+    out = tmp_path_factory.mktemp("pipeline_data")
+    train = np.asarray(read_shard(offline_data / "fineweb_train_000000.bin"))[:40_000]
+    val = np.asarray(read_shard(offline_data / "fineweb_val_000000.bin"))[:6_000]
+    write_shard(out / "fineweb_train_000000.bin", train)
+    write_shard(out / "fineweb_val_000000.bin", val)
+    (out / "tokenizer.model").write_bytes((offline_data / "tokenizer.model").read_bytes())
+    return out

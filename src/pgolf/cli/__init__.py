@@ -8,6 +8,7 @@ Each command group lives in its own module here (`data`, `train`, `quantize`, `e
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from typing import Sequence
@@ -41,9 +42,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a read-only or missing folder: one line, no traceback
+        if args.debug:
+            raise
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+OS_HINTS = {
+    errno.ENOSPC: "free disk space or write elsewhere (--out / RUNS_DIR)",
+    errno.EDQUOT: "free disk space or write elsewhere (--out / RUNS_DIR)",
+    errno.EFBIG: "the file size limit (ulimit -f) or the file system refused a large file",
+    errno.EROFS: "choose a writable folder (--out / RUNS_DIR)",
+    errno.EACCES: "choose a folder you may write to, or fix its permissions",
+    errno.EPERM: "choose a folder you may write to, or fix its permissions",
+    errno.ENAMETOOLONG: "use a shorter run id or folder name",
+    errno.ENOTDIR: "a path component is a file, not a folder",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`<what> (<errno name>): <path>: <what to do>` from an OSError."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    name = errno.errorcode.get(exc.errno or 0, "")
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p)
+    hint = OS_HINTS.get(exc.errno or 0)
+    return (f"{what}{f' ({name})' if name else ''}{f': {paths}' if paths else ''}"
+            f"{f': {hint}' if hint else ''}")
 
 
 def entrypoint() -> None:
