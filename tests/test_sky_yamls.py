@@ -163,7 +163,8 @@ def test_dev_is_one_gpu_and_long_is_multi_node_managed():
     run = long["run"]
     for var in ("SKYPILOT_NODE_RANK", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_NODES", "SKYPILOT_TASK_ID"):
         assert var in run
-    assert "--partial" in run and "--resume" in run  # restore from the store, then resume
+    assert "--if-exists" in run and "--resume" in run  # restore from the store, then resume
+    assert "|| echo" not in run  # a failed restore must not start the run over
 
 
 def test_data_yaml_is_cpu_only_and_pushes_to_the_bucket():
