@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pgolf.errors import ConfigError
-from pgolf.runstore import MANIFEST, Generation, parse_generation, read_latest
+from pgolf.errors import ConfigError, StoreError
+from pgolf.runstore import MANIFEST, Generation, RunIdTaken, parse_generation, read_latest
 from pgolf.seaweed import LocalSeaweed
 from pgolf.store import S3Options, StoreUnavailable, open_store, sha256_file
 from pgolf.store.file import FileStore
@@ -103,6 +104,53 @@ def test_rounds_commit_generations_and_never_overwrite_an_object(tmp_path: Path)
     # ...and no key but the pointer was ever written twice: a committed object never changes.
     objects = [k for k in store.puts if not k.endswith(MANIFEST)]
     assert len(objects) == len(set(objects))
+
+
+def test_resume_carries_committed_files_and_refuses_a_stale_or_foreign_folder(tmp_path: Path
+                                                                              ) -> None:
+    store = FileStore(tmp_path / "store")
+    run = make_run_dir(tmp_path / "runs")
+    assert RunSync(run, store, every_seconds=0).final("interrupted (SIGTERM)").ok
+    first = read_latest(store, run.name)
+    node = tmp_path / "node" / run.name  # a fresh node pulled it, then lost one file
+    shutil.copytree(run, node)
+    (node / "artifact.pgz").unlink()
+    (node / "train.log").write_text("resumed\n")
+    report = RunSync(node, store, every_seconds=0, resume=True).final()
+    gen = read_latest(store, run.name)
+    assert report.ok and (gen.number, gen.status, gen.lineage) == (2, "complete", first.lineage)
+    assert gen.files["artifact.pgz"] == first.files["artifact.pgz"]  # carried, not dropped
+    assert store.get_bytes(f"{run.name}/{gen.files['artifact.pgz'].key}") == \
+        (run / "artifact.pgz").read_bytes()
+    stale = tmp_path / "stale" / run.name  # still generation 1: the store moved on
+    shutil.copytree(run, stale)
+    with pytest.raises(StoreError, match="is not a copy of the newest committed generation"):
+        RunSync(stale, store, every_seconds=0, resume=True).attach()
+    foreign = tmp_path / "foreign" / run.name
+    foreign.mkdir(parents=True)
+    (foreign / MANIFEST).write_bytes(gen.raw.replace(gen.lineage.encode(), b"0" * 16))
+    with pytest.raises(StoreError, match="is not a copy"):
+        RunSync(foreign, store, every_seconds=0, resume=True).attach()
+    with pytest.raises(RunIdTaken, match="already holds a committed run"):
+        RunSync(foreign, store, every_seconds=0).attach()
+
+
+def test_permanent_errors_are_not_retried(tmp_path: Path) -> None:
+    """Credentials revoked mid-run: the end commit stops at the first answer, long before its
+    deadline, and says why."""
+    uri = f"s3://{TEST_BUCKET}/perm-{time.time_ns()}"
+    run = make_run_dir(tmp_path / "runs")
+    sync = RunSync(run, uri, every_seconds=0, deadline_s=30, options=s3_options("seaweed"))
+    assert sync.sync_once().ok
+    good = s3_options("seaweed")
+    sync.store = open_store(uri, S3Options(endpoint_url=good.endpoint_url, access_key=good.access_key,
+                                           secret_key="revoked", max_attempts=1))
+    (run / "summary.json").write_text('{"val_bpb": 1.0}')
+    t0 = time.monotonic()
+    report = sync.final()
+    assert not report.ok and report.permanent and time.monotonic() - t0 < 10
+    assert "rejected the credentials" in next(iter(report.failed.values()))
+    assert "summary.json" in report.unsynced
 
 
 def test_background_thread_and_context_manager(tmp_path: Path, backend: str) -> None:
