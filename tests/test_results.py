@@ -245,7 +245,7 @@ def test_cli_push_then_pull(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     uri = f"s3://{TEST_BUCKET}/cli-{time.time_ns()}"
     run = make_run_dir(tmp_path / "runs", "cli-run")
     assert main(["results", "push", str(run), "--to", uri]) == 0
-    assert "manifest.json last" in capsys.readouterr().out
+    assert "as generation 1 (complete, 6 files" in capsys.readouterr().out
     monkeypatch.setenv("RESULTS_URI", uri)  # --from defaults to $RESULTS_URI
     assert main(["results", "pull", "--all", "--to", str(tmp_path / "res"), "--no-progress"]) == 0
     assert "pulled 1 run(s)" in capsys.readouterr().out

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from pgolf import launch as lib
+from pgolf import results
 from pgolf.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -468,8 +469,9 @@ def test_record_run_block_runs_the_shipped_file_and_a_build_accepts_the_run(tmp_
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert f"sha256 {shipped.sha256} (runs here and ships in a submission)" in proc.stdout
 
-    run = store / "rec-s11"
-    assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
+    pulled = results.pull(f"file://{store}", tmp_path / "results", ["rec-s11"], progress=False)
+    assert pulled.ok and pulled.statuses == {"rec-s11": "complete"}
+    run = tmp_path / "results" / "rec-s11"  # the store holds generations; a pull gives the folder
     environment = json.loads((run / "environment.json").read_text())
     assert environment["code_sha256"] == shipped.sha256 and environment["world_size"] == 2
     assert environment["code_file"].endswith(str(lib.SHIP_PATH)) and environment["code_form"] == "compressed"
@@ -479,8 +481,8 @@ def test_record_run_block_runs_the_shipped_file_and_a_build_accepts_the_run(tmp_
     log = (run / "train.log").read_text()
     assert f"Code size: {shipped.nbytes} bytes (ship/train_gpt.py: the file this run executes" in log
 
-    result = buildmod.build(["rec-s11"], out=tmp_path / "rec", name="e2e", github_id="octocat", search=[store],
-                            allow_noncompliant=True)
+    result = buildmod.build(["rec-s11"], out=tmp_path / "rec", name="e2e", github_id="octocat",
+                            search=[tmp_path / "results"], allow_noncompliant=True)
     assert not result.submission["code_drift"]
     assert (result.out / "train_gpt.py").read_bytes() == (work / lib.SHIP_PATH).read_bytes()
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from pgolf.cli import main
+from pgolf.runstore import read_latest
+from pgolf.store.file import FileStore
 
 PGOLF = Path(sys.executable).with_name("pgolf")
 
@@ -51,12 +53,18 @@ def manifest(store: Path, run_id: str) -> dict:
     return json.loads((store / run_id / "manifest.json").read_text())
 
 
+def stored(store: Path, run_id: str, path: str) -> bytes:
+    """A file of the run's newest committed generation, read back from the store."""
+    gen = read_latest(FileStore(store), run_id)
+    return FileStore(store).get_bytes(f"{run_id}/{gen.files[path].key}")
+
+
 def test_the_command_runs_with_the_run_id_and_its_folder_is_committed(node):
     store = node / "store"
     code = main(["results", "sync", "--to", f"file://{store}", "--run-id", "r1", "--", sys.executable, "-c",
                  CHILD, "0"])
     assert code == 0
-    seen = json.loads((store / "r1" / "seen.json").read_text())
+    seen = json.loads(stored(store, "r1", "seen.json"))
     assert seen == {"RUN_ID": "r1", "RESULTS_URI": "", "EXTRA": "passed-through"}  # it must not sync itself
     m = manifest(store, "r1")
     assert m["status"] == "complete" and {f["path"] for f in m["files"]} == {"seen.json", "ready"}
@@ -74,7 +82,7 @@ def test_a_failing_command_keeps_its_exit_code_and_its_files(node):
     store = node / "store"
     assert main(["results", "sync", "--to", f"file://{store}", "--run-id", "r2", "--", sys.executable, "-c",
                  CHILD, "3"]) == 3
-    assert manifest(store, "r2")["status"] == "failed (exit 3)" and (store / "r2" / "seen.json").is_file()
+    assert manifest(store, "r2")["status"] == "failed (exit 3)" and stored(store, "r2", "seen.json")
 
 
 def test_no_store_is_an_error_before_the_command_starts(node, capsys):
@@ -83,13 +91,34 @@ def test_no_store_is_an_error_before_the_command_starts(node, capsys):
     assert not (node / "runs").exists()
 
 
-def test_an_uncommitted_final_sync_is_an_error_naming_the_local_copy(node, capsys):
+def test_an_unusable_store_is_an_error_before_the_command_starts(node, capsys):
     (node / "not-a-dir").write_text("a file where the store's folder should be")
     code = main(["results", "sync", "--to", f"file://{node / 'not-a-dir' / 'store'}", "--run-id", "r4",
-                 "--timeout", "0.5", "--", sys.executable, "-c", CHILD, "0"])
+                 "--", sys.executable, "-c", CHILD, "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is the disk mounted?" in err and not (node / "runs").exists()
+
+
+def test_an_uncommitted_final_sync_is_an_error_naming_the_local_copy(node, capsys):
+    """The store disappears while the command runs (its folder replaced by a file)."""
+    store = node / "store"
+    breaker = f"import shutil, pathlib; shutil.rmtree({str(store)!r}); pathlib.Path({str(store)!r}).write_text('x')"
+    code = main(["results", "sync", "--to", f"file://{store}", "--run-id", "r4", "--timeout", "0.5", "--",
+                 "sh", "-c", f"{sys.executable} -c '{CHILD}' 0 && {sys.executable} -c \"{breaker}\""])
     err = capsys.readouterr().err
     assert code == 2 and "r4 finished but its final sync" in err and "runs/r4" in err
     assert "hint: pgolf results push runs/r4" in err
+
+
+def test_a_run_id_that_holds_a_committed_run_is_refused_before_the_command_starts(node, capsys):
+    store = node / "store"
+    assert main(["results", "sync", "--to", f"file://{store}", "--run-id", "r6", "--", sys.executable, "-c",
+                 CHILD, "0"]) == 0
+    before = manifest(store, "r6")
+    assert main(["results", "sync", "--to", f"file://{store}", "--run-id", "r6", "--", sys.executable, "-c",
+                 CHILD, "0"]) == 2
+    assert "run id r6 already holds a committed run" in capsys.readouterr().err
+    assert manifest(store, "r6") == before
 
 
 def test_sigterm_is_passed_to_the_command_then_the_folder_is_committed(node):
@@ -105,4 +134,4 @@ def test_sigterm_is_passed_to_the_command_then_the_folder_is_committed(node):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert manifest(store, "r5")["status"] == "interrupted (SIGTERM)"
-    assert (store / "r5" / "got-sigterm").read_text() == "bye"  # written by the child after the signal
+    assert stored(store, "r5", "got-sigterm") == b"bye"  # written by the child after the signal

@@ -1,7 +1,7 @@
 """`pgolf run`: one record attempt, end to end, into one run folder.
 
     train -> calibrate (on the train clock) -> quantize (rank 0) -> evaluate from the artifact file
-    -> summary.json + compliance.json -> final sync (manifest.json last)
+    -> summary.json + compliance.json -> final commit to the store (a generation, see pgolf.runstore)
 
 Plain python on CPU, `torchrun` on GPUs; every rank calls `pipeline`. Stages talk only through the
 run folder and small dataclasses; this module is the only place that chains them.

@@ -146,7 +146,7 @@ def parse_generation(run_id: str, data: bytes, where: str) -> Generation:
         status = str(doc.get("status", COMPLETE))
         lineage = doc.get("lineage")
     except (ValueError, KeyError, TypeError) as exc:
-        raise StoreError(f"{where} is malformed ({exc}): skipping it; re-push the run from its "
+        raise StoreError(f"{where} is malformed ({exc}): re-push the run from its "
                          "folder (pgolf results push)") from None
     for entry in entries.values():
         for name in (entry.path, entry.key):

@@ -1,5 +1,5 @@
 """`pgolf results sync -- COMMAND`: run a command that writes runs/<run_id>/ and keep that folder in
-the store while it runs, then commit it (manifest.json last) however the command ends.
+the store while it runs, then commit it (a final generation) however the command ends.
 
 The generated train_gpt.py carries no store code (every byte of it counts against the 16,000,000 B
 cap), so on the node the sync runs around it, from the installed package:
@@ -8,7 +8,8 @@ cap), so on the node the sync runs around it, from the installed package:
 
 The run id is RUN_ID, else `<preset>-s<seed>-<UTC>-<hex>` chosen here and passed down as RUN_ID, so
 both processes name the same folder. The command gets RESULTS_URI="" (it must not try to sync
-itself). SIGTERM/SIGINT are forwarded to the command; the final sync runs after it exits. Exit code:
+itself). SIGTERM/SIGINT are forwarded to the command; the final sync runs after it exits, within
+SYNC_DEADLINE_SECONDS (the store layout and its guarantees: pgolf.runstore). Exit code:
 the command's (128 + signal when a signal ended it), else non-zero when the final sync did not commit.
 """
 
@@ -44,13 +45,15 @@ def exit_code(returncode: int) -> int:
 
 def run_synced(command: Sequence[str], run_dir: Path, uri: str, *, run_id: str,
                env: Mapping[str, str], every_seconds: float = 30.0,
-               final_timeout_s: float = 60.0) -> Supervised:
-    """Run `command` with `env` (+ RUN_ID, RESULTS_URI=""), mirroring `run_dir` to `uri` meanwhile."""
+               deadline_s: float = 25.0) -> Supervised:
+    """Run `command` with `env` (+ RUN_ID, RESULTS_URI=""), mirroring `run_dir` to `uri` meanwhile.
+    The store is probed, and a run id that holds a committed run refused, before it starts."""
     from pgolf.sync import RunSync
 
     if not command:
         raise ConfigError("pgolf results sync needs a command after `--`, e.g. -- torchrun ... train_gpt.py")
-    sync = RunSync(run_dir, uri, run_id=run_id, every_seconds=every_seconds, final_timeout_s=final_timeout_s)
+    sync = RunSync(run_dir, uri, run_id=run_id, every_seconds=every_seconds, deadline_s=deadline_s)
+    sync.attach()
     child_env = {**env, "RUN_ID": run_id, "RESULTS_URI": ""}
     try:
         proc = subprocess.Popen(list(command), env=child_env)
@@ -79,11 +82,11 @@ def run_synced(command: Sequence[str], run_dir: Path, uri: str, *, run_id: str,
     else:
         status = f"failed (exit {returncode})"
     report = sync.final(status)
-    return Supervised(returncode, Path(run_dir), report.ok and report.manifest_written, status)
+    return Supervised(returncode, Path(run_dir), report.ok and report.generation is not None, status)
 
 
 def supervise(command: Sequence[str], *, uri: str, run_id: str | None, runs_dir: str, env: Mapping[str, str],
-              cfg_for_id: object, every_seconds: float, final_timeout_s: float) -> int:
+              cfg_for_id: object, every_seconds: float, deadline_s: float) -> int:
     """The CLI's verb: resolve the run id, run, and turn an uncommitted final sync into an error."""
     from pgolf.runid import check_run_id, make_run_id
 
@@ -92,7 +95,7 @@ def supervise(command: Sequence[str], *, uri: str, run_id: str | None, runs_dir:
     run_id = check_run_id(run_id) if run_id else make_run_id(cfg_for_id)
     run_dir = Path(runs_dir) / run_id
     result = run_synced(command, run_dir, uri, run_id=run_id, env=env, every_seconds=every_seconds,
-                        final_timeout_s=final_timeout_s)
+                        deadline_s=deadline_s)
     if result.returncode != 0:
         log.error("%s exited %d; what it wrote is in %s and in %s/%s (%s)", command[0], result.returncode,
                   run_dir, uri, run_id, "committed" if result.committed else "NOT committed")

@@ -297,6 +297,8 @@ class RunSync:
     def _commit(self, status: str, report: SyncReport) -> None:
         """Write the next generation if the folder or the status changed, then clean up."""
         newest = self.committed[-1] if self.committed else None
+        if newest is None and not self._candidate():
+            return  # nothing written yet: no generation, and no folder made for a writer to find
         if newest is not None and newest.status == status and newest.files == self._candidate():
             report.generation = newest.number  # nothing new: not even a listing
             return

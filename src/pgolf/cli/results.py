@@ -91,7 +91,7 @@ def cmd_push(args: argparse.Namespace) -> int:
                          f"in the store, e.g. {next(iter(report.failed.values()))}")
     print(f"pushed {run_dir} to {sync.store.uri}/{sync.run_id} as generation "
           f"{report.generation} ({sync.committed[-1].status}, {len(sync.committed[-1].files)} "
-          f"files, {len(report.uploaded)} uploaded, manifest.json last)")
+          f"files, {len(report.uploaded)} uploaded)")
     return 0
 
 
@@ -103,7 +103,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     cfg = cfgmod.resolve()  # RUN_ID, RUNS_DIR, RESULTS_URI, SYNC_EVERY_SECONDS, PRESET, SEED as the command sees them
     return supervise(command, uri=args.dest or cfg.run.results_uri, run_id=args.run_id or cfg.run.run_id,
                      runs_dir=cfg.run.runs_dir, env=cfgmod.environment(), cfg_for_id=cfg,
-                     every_seconds=cfg.run.sync_every_seconds, final_timeout_s=args.timeout)
+                     every_seconds=cfg.run.sync_every_seconds,
+                     deadline_s=args.timeout or cfg.run.sync_deadline_seconds)
 
 
 def cmd_store_up(args: argparse.Namespace) -> int:
@@ -190,11 +191,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p = rsub.add_parser("sync", help="run a command that writes runs/<run_id>/, syncing that folder meanwhile",
                         description="Runs COMMAND (e.g. torchrun ... train_gpt.py, which carries no store code) "
                                     "with RUN_ID set, mirrors runs/<run_id>/ to the store every "
-                                    "SYNC_EVERY_SECONDS and commits it (manifest.json last) when COMMAND ends, "
+                                    "SYNC_EVERY_SECONDS and commits it (a final generation) when COMMAND ends, "
                                     "however it ends. Exits with COMMAND's code, or 2 if the commit failed.")
     p.add_argument("--to", dest="dest", metavar="URI", help="store URI (default $RESULTS_URI)")
     p.add_argument("--run-id", default=None, help="default: $RUN_ID, else <preset>-s<seed>-<UTC>-<hex>")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds the final sync keeps retrying")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="deadline in seconds for the final sync (default $SYNC_DEADLINE_SECONDS, 25)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     p.set_defaults(func=cmd_sync)
 

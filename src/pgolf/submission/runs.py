@@ -19,7 +19,8 @@ from pgolf.errors import ArtifactError, ConfigError, PgolfError
 
 # Fields that may differ between the runs of one submission: the seed, the run's name, and where
 # results and data were synced. Everything else (data path included) must be identical.
-PER_RUN_FIELDS = ("seed", "run_id", "runs_dir", "results_uri", "sync_every_seconds", "data_uri")
+PER_RUN_FIELDS = ("seed", "run_id", "runs_dir", "results_uri", "sync_every_seconds", "sync_deadline_seconds",
+                  "data_uri")
 
 
 class RunError(PgolfError):
