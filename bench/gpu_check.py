@@ -105,7 +105,9 @@ def measure_train(cfg, device, steps: int) -> dict[str, Any]:
     import torch
 
     runner = B.StepRunner(cfg, device)
-    compiled = runner.model_fn is not runner.model
+    from pgolf.compiled import is_compiled
+
+    compiled = is_compiled(runner.model_fn)
     t0 = time.perf_counter()
     for _ in range(2):  # the first compiles forward+backward; the second catches recompiles
         runner.micro_step()
@@ -150,15 +152,16 @@ def measure_eval(cfg, device, batches: int, ttt_steps: int, gpus: int, deadline:
     from pgolf.evaluate.score import Tally, score_windows
     from pgolf.evaluate.ttt import Adapter, select_trainable
     from pgolf.evaluate.windows import plan_windows
-    from pgolf.model import build_model, maybe_compile
+    from pgolf.compiled import is_compiled, maybe_compiled
+    from pgolf.model import build_model
 
     e, seq = cfg.eval, cfg.eval_seq_len
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, device)
     model.eval().requires_grad_(False)
     trainable = select_trainable(model, e.ttt_unfreeze_blocks)
-    model_fn = maybe_compile(model, cfg.model, device)
-    compiled = model_fn is not model
+    model_fn = maybe_compiled("score", model, cfg.model.torch_compile, device)
+    compiled = is_compiled(model_fn)
     n_windows = (3 + batches) * e.eval_batch_seqs  # the first window (scores a whole row) is dropped below
     n_tokens = seq + (n_windows - 1) * e.eval_stride + 1
     g = torch.Generator().manual_seed(0)

@@ -266,27 +266,38 @@ def test_guard_stops_ttt_mid_run_and_finishes_inside_budget(skip2, tmp_path, mon
     assert capped.eval_time_s <= budget
 
 
-def test_compiled_path_pads_batches_and_warms_up_on_random_tokens(skip2, mode_results, tmp_path, monkeypatch):
-    """The CUDA path on CPU: a stand-in for torch.compile turns on static shapes and the warm-up."""
-    import pgolf.model
+@pytest.mark.parametrize("mode", ["rows", "ttt"])
+def test_compiled_path_pads_batches_and_warms_up_on_random_tokens(skip2, mode_results, tmp_path, monkeypatch, mode):
+    """The CUDA path on CPU: a stand-in for the compiled wrappers turns on static shapes and the warm-up;
+    every call of a wrapper has the warm-up's signature (shape, grad mode, inference tensors), so each
+    compiles exactly one graph, before any validation token is seen."""
+    import pgolf.evaluate.core as core
+    from pgolf.compiled import call_signature
 
-    calls: list[tuple[tuple[int, ...], bool, torch.Tensor]] = []
+    calls: list[tuple[str, dict[str, str], torch.Tensor]] = []
 
-    def fake_compile(model, cfg, device):
-        def compiled(idx):
-            calls.append((tuple(idx.shape), torch.is_grad_enabled(), idx.detach().clone()))
-            return model(idx)
-        return compiled
+    class Recorder:
+        def __init__(self, purpose, fn):
+            self.purpose, self.fn = purpose, fn
 
-    monkeypatch.setattr(pgolf.model, "maybe_compile", fake_compile)
-    result, nll = run(skip2.cfg, tmp_path, skip2.sd, "ttt")
-    warm = calls[:4]  # 2 scoring forwards (no grad), 2 training forwards (grad) before any val token
-    assert [(shape, grad) for shape, grad, _ in warm] == [((16, 32), False)] * 2 + [((8, 32), True)] * 2
+        def __call__(self, idx):
+            calls.append((self.purpose, call_signature((idx,), {}), idx.detach().clone()))
+            return self.fn(idx)
+
+    monkeypatch.setattr(core, "maybe_compiled", lambda purpose, fn, setting, device, **kw: Recorder(purpose, fn))
+    monkeypatch.setattr(core, "is_compiled", lambda fn: isinstance(fn, Recorder))
+    result, nll = run(skip2.cfg, tmp_path, skip2.sd, mode)
+    warm = calls[:4] if mode == "ttt" else calls[:2]  # 2 scoring forwards, then 2 training forwards (TTT)
+    assert [p for p, _, _ in warm] == ["score"] * 2 + (["ttt_step"] * 2 if mode == "ttt" else [])
     val_ids = set(SKIP2_IDS.tolist())
     assert all(not set(x.unique().tolist()) <= val_ids for _, _, x in warm)  # random ids, not validation
-    assert {shape for shape, _, _ in calls} == {(16, 32), (8, 32)}  # one shape per graph: ragged batches padded
-    assert result.parts["warmup"] > 0 and result.ttt_steps == mode_results["ttt"][0].ttt_steps
-    np.testing.assert_allclose(nll, mode_results["ttt"][1], rtol=1e-4, atol=1e-5)  # padding changes nothing
+    for purpose in {p for p, _, _ in calls}:
+        signatures = {tuple(sorted(sig.items())) for p, sig, _ in calls if p == purpose}
+        assert len(signatures) == 1, (purpose, signatures)  # one graph each: ragged batches padded
+    grad_mode = dict(next(sig for p, sig, _ in calls if p == "score"))["grad_mode"]
+    assert grad_mode == ("no_grad" if mode == "ttt" else "inference_mode")
+    assert result.parts["warmup"] > 0 and result.ttt_steps == mode_results[mode][0].ttt_steps
+    np.testing.assert_allclose(nll, mode_results[mode][1], rtol=1e-4, atol=1e-5)  # padding changes nothing
 
 
 def test_ttt_trainable_set_is_fp32():

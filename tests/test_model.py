@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pgolf.compiled import Compiled
 from pgolf.config import PRESETS, ModelConfig
 from pgolf.errors import ConfigError
 from pgolf.model import (
     BOS_ID, GPT, CastedLinear, attention_backend_in_use, bigram_hash, build_model, fake_quant_rows,
-    maybe_compile,
 )
 
 CONTROL = re.compile(r"norm|scale|gain|mix|skip|lambda|gate|smear")
@@ -288,18 +288,21 @@ def test_qat_changes_forward_and_uses_straight_through_gradients():
 
 
 def _compiled_qat_roundtrip(backend: str):
-    torch._dynamo.reset()
     model = perturbed(replace(SMALL, num_layers=2))
-    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    compiled = Compiled("qat_roundtrip", model, planned=2, state=lambda: {"qat": model.qat_enabled}, backend=backend)
     idx = tokens()
-    # flipping the flag must not recompile: a recompile mid-run would eat the 600 s training budget
-    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+    with torch.no_grad():
         plain = compiled(idx)
+        assert compiled.graphs == 1  # QAT off: the fake-quant is not traced at all
         model.set_qat(True)
         quant = compiled(idx)
         eager_quant = model(idx)
         model.set_qat(False)
         again = compiled(idx)
+        model.set_qat(True)
+        compiled(idx)
+    # QAT on is the second graph; flipping back and forth reuses both (never frozen at trace time)
+    assert compiled.graphs == 2 and [e.reason for e in compiled.events][1] == "qat False -> True"
     assert (plain - quant).abs().max() > 1e-4  # the flag took effect inside the compiled graph
     torch.testing.assert_close(quant, eager_quant, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plain, again, rtol=0, atol=0)
@@ -312,18 +315,18 @@ def test_qat_flag_takes_effect_under_torch_compile():
 @pytest.mark.slow
 def test_qat_flag_takes_effect_under_inductor():
     """The same on inductor, for one CastedLinear (the whole model costs ~40 s CPU of C++ compiles)."""
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = GPT(replace(SMALL, num_layers=1))
     linear = model.blocks[0].mlp.fc
-    compiled = torch.compile(linear, backend="inductor", fullgraph=True, dynamic=False)
+    compiled = Compiled("qat_linear", linear, planned=2)
     x = torch.randn(4, 32)
-    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+    with torch.no_grad():
         plain = compiled(x)
         model.set_qat(True)
         quant = compiled(x)
         model.set_qat(False)
         again = compiled(x)
+    assert compiled.graphs == 2
     torch.testing.assert_close(quant, F.linear(x, fake_quant_rows(linear.weight, 6)), rtol=1e-5, atol=1e-6)
     assert (plain - quant).abs().max() > 1e-4
     torch.testing.assert_close(plain, again, rtol=0, atol=0)
@@ -430,13 +433,6 @@ def test_attention_backend_selection_on_cpu():
         build_model(replace(SMALL, attention_backend="fa3"), "cpu")
 
 
-def test_maybe_compile_defaults():
-    model = GPT(SMALL)
-    assert maybe_compile(model, SMALL, "cpu") is model  # auto: off on CPU
-    assert maybe_compile(model, replace(SMALL, torch_compile="off"), "cuda") is model
-    assert maybe_compile(model, replace(SMALL, torch_compile="on"), "cpu") is not model
-
-
 def test_bad_qat_bits_is_one_line_config_error():
     with pytest.raises(ConfigError, match="QAT_BITS=9"):
         GPT(replace(SMALL, qat_bits=9))
@@ -449,7 +445,7 @@ def test_cuda_build_dtypes_and_compiled_forward():
     model = build_model(cfg, "cuda")
     assert model.tok_emb.weight.dtype == torch.bfloat16 and model.bigram.table.weight.dtype == torch.bfloat16
     assert model.blocks[0].attn.c_q.weight.dtype == torch.float32 and model.smear.gate.dtype == torch.float32
-    compiled = maybe_compile(model, cfg, "cuda")
+    compiled = Compiled("train_step", model, planned=2, state=lambda: {"qat": model.qat_enabled})
     idx = torch.randint(0, cfg.vocab_size, (2, 128), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = compiled(idx[:, :-1], idx[:, 1:])

@@ -273,17 +273,19 @@ class StepRunner:
     def __post_init__(self) -> None:
         import torch
 
-        from pgolf.model import build_model, maybe_compile
+        from pgolf.compiled import maybe_compiled
+        from pgolf.model import build_model
         from pgolf.optim import build_optimizers
 
         self.device = torch.device(self.device)
         torch.manual_seed(self.cfg.train.seed)
         self.model = build_model(self.cfg.model, self.device)
-        if self.compile is None:
-            self.model_fn = maybe_compile(self.model, self.cfg.model, self.device)
-        else:
-            self.model_fn = torch.compile(self.model, dynamic=False) if self.compile else self.model
-        self.opts = build_optimizers(self.model.param_groups(), self.cfg.train, self.cfg.model.tie_embeddings)
+        setting = self.cfg.model.torch_compile if self.compile is None else ("on" if self.compile else "off")
+        qat = self.cfg.train.late_qat_threshold > 0
+        self.model_fn = maybe_compiled("train_step", self.model.loss, setting, self.device, planned=2 if qat else 1,
+                                       state=lambda: {"qat": self.model.qat_enabled})
+        self.opts = build_optimizers(self.model.param_groups(), self.cfg.train, self.cfg.model.tie_embeddings,
+                                     torch_compile=setting)
         self.gen = torch.Generator().manual_seed(self.cfg.train.seed)
 
     @property

@@ -34,7 +34,7 @@ BOS_ID = 1  # the sp1024 / CaseOps tokenizers' BOS id; every document starts wit
 
 __all__ = [
     "BOS_ID", "CastedLinear", "GPT", "attention_backend_in_use", "bigram_hash", "build_model",
-    "fake_quant_rows", "maybe_compile",
+    "fake_quant_rows",
 ]
 
 
@@ -53,11 +53,10 @@ def fake_quant_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
 class CastedLinear(nn.Linear):
     """A linear (bias-free by default) whose fp32 weight is cast to the input dtype (bf16 under autocast).
 
-    With `qat_bits` > 0 it carries a 0/1 buffer `qat_flag` (not saved in the state dict) that turns on
-    straight-through fake quantization: w_eff = w + flag * (fake_quant(w) - w).detach(). The flag is a
-    tensor read inside forward, so flipping it takes effect in a compiled graph too (spec §7.1 item 7).
-    Eager calls skip the fake-quant arithmetic while QAT is off, using a Python mirror of the flag
-    that is only ever read outside torch.compile.
+    With `qat_bits` > 0, `qat_on` (a plain bool, not saved in the state dict) turns on straight-through
+    fake quantization: w_eff = w + (fake_quant(w) - w).detach(). torch.compile guards on the bool, so
+    flipping it switches to a second graph with the fake-quant traced in (spec §7.1 item 7: never
+    frozen at trace time), and a run that never turns QAT on never traces it (pgolf.compiled).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -65,14 +64,12 @@ class CastedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.qat_bits = qat_bits
         self.zero_init = zero_init  # output projections start at zero (read by GPT._init_weights)
-        self.qat_on = False  # eager-only mirror of qat_flag; set both through GPT.set_qat
-        if qat_bits:
-            self.register_buffer("qat_flag", torch.zeros(()), persistent=False)
+        self.qat_on = False  # set through GPT.set_qat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if self.qat_bits and (torch.compiler.is_compiling() or self.qat_on):  # this order: no guard on qat_on
-            w = w + self.qat_flag.to(w.dtype) * (fake_quant_rows(w, self.qat_bits) - w).detach()
+        if self.qat_bits and self.qat_on:
+            w = w + (fake_quant_rows(w, self.qat_bits) - w).detach()
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w.to(x.dtype), bias)
 
@@ -328,7 +325,6 @@ class GPT(nn.Module):
         """Switch int-`qat_bits` straight-through fake quantization of every block matrix on/off."""
         for module in self.blocks.modules():
             if isinstance(module, CastedLinear) and module.qat_bits:
-                module.qat_flag.fill_(1.0 if enabled else 0.0)
                 module.qat_on = bool(enabled)
 
     @property
@@ -377,12 +373,3 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> GPT:
     model.attention_backend(device)
     return _cast_for_device(model, device)
 
-
-def maybe_compile(model: nn.Module, cfg: ModelConfig, device: torch.device | str) -> nn.Module:
-    """torch.compile(model) on CUDA unless TORCH_COMPILE=off; on CPU only with TORCH_COMPILE=on."""
-    on_cuda = torch.device(device).type == "cuda"
-    if cfg.torch_compile == "on" or (cfg.torch_compile == "auto" and on_cuda):
-        if isinstance(model, GPT):
-            model.attention_backend(device)  # resolve outside the trace (imports, logging)
-        return torch.compile(model, dynamic=False, fullgraph=on_cuda)
-    return model

@@ -15,7 +15,9 @@ X <- a X + (b A + c A^2) X with A = X X^T. The classic quintic uses one fixed (a
 Under data parallelism every rank keeps the full momentum state (grads are already averaged, so the
 state is identical everywhere and a checkpoint from rank 0 is complete), but Newton-Schulz, the
 expensive part, runs only on the rank that owns a matrix (round-robin); the orthogonalized updates
-travel in one flat buffer that is all-reduced (sum; non-owners contribute zeros).
+travel in one flat buffer that is all-reduced (sum; non-owners contribute zeros). With
+TORCH_COMPILE on, Newton-Schulz is one compiled wrapper around `newton_schulz` holding one graph
+per matrix shape this rank owns (pgolf.compiled).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from pgolf.compiled import maybe_compiled
 from pgolf.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,7 @@ class Muon(torch.optim.Optimizer):
         rank: int = 0,
         world_size: int = 1,
         ns_dtype: torch.dtype | None = None,
+        torch_compile: str = "off",
     ):
         params = list(params)
         for p in params:
@@ -97,6 +101,19 @@ class Muon(torch.optim.Optimizer):
         self.coeffs = ns_coefficients(ns_coeffs, backend_steps)
         self.rank, self.world_size = rank, world_size
         self.ns_dtype = ns_dtype  # None: bf16 on CUDA (as the seed), fp32 elsewhere (CPU bf16 is slow)
+        self.torch_compile = torch_compile
+        self._orthogonalize: Any = None  # newton_schulz, or its compiled wrapper; built at the first step
+
+    def owned(self, i: int) -> bool:
+        """Whether this rank runs Newton-Schulz for matrix i of a group (round-robin)."""
+        return self.world_size <= 1 or i % self.world_size == self.rank
+
+    def orthogonalize(self, u: Tensor, dtype: torch.dtype) -> Tensor:
+        if self._orthogonalize is None:
+            shapes = {tuple(p.shape) for g in self.param_groups for i, p in enumerate(g["params"]) if self.owned(i)}
+            self._orthogonalize = maybe_compiled("newton_schulz", newton_schulz, self.torch_compile, u.device,
+                                                 planned=max(1, len(shapes)))
+        return self._orthogonalize(u, self.coeffs, dtype)
 
     def _dtype_for(self, p: Tensor) -> torch.dtype:
         if self.ns_dtype is not None:
@@ -128,9 +145,9 @@ class Muon(torch.optim.Optimizer):
             offset = 0
             for i, (p, g, buf) in enumerate(zip(params, grads, bufs)):
                 n = p.numel()
-                if not distributed or i % self.world_size == self.rank:
+                if not distributed or self.owned(i):
                     u = g.add(buf, alpha=mu) if group["nesterov"] else buf
-                    o = newton_schulz(u, self.coeffs, dtype)
+                    o = self.orthogonalize(u, dtype)
                     o = o * math.sqrt(max(1.0, p.size(0) / p.size(1)))
                     flat[offset : offset + n] = o.reshape(-1)
                 offset += n
@@ -225,10 +242,12 @@ def build_optimizers(
     tied_embeddings: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    torch_compile: str = "off",
 ) -> Optimizers:
     """Muon on `groups["matrix"]`; AdamW on embed / head / scalar groups (TrainConfig lrs and decays).
 
     `groups` is `model.param_groups()`: {"matrix", "embed", "scalar", "head"} -> [(name, param)].
+    `torch_compile` (TORCH_COMPILE) decides whether Muon's Newton-Schulz is compiled.
     """
     unknown = set(groups) - {"matrix", "embed", "scalar", "head"}
     if unknown:
@@ -254,6 +273,7 @@ def build_optimizers(
             weight_decay=train.muon_wd,
             rank=rank,
             world_size=world_size,
+            torch_compile=torch_compile,
         )
         muon.param_groups[0].update(name="matrix", base_lr=train.matrix_lr)
         optimizers.append(muon)

@@ -123,14 +123,27 @@ class DistributedTokenLoader:
             )
         return local
 
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[np.ndarray, np.ndarray]:
-        """int64 x and y of shape (local_tokens // seq_len, seq_len) for this rank's micro-step."""
+    def _piece(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> np.ndarray:
+        """This rank's local_tokens + 1 tokens of the next micro-step's span."""
         local = self.local_tokens(global_tokens, seq_len, grad_accum_steps)
         span = self.stream.take(self.world_size * (local + 1))
-        piece = span[self.rank * (local + 1) : (self.rank + 1) * (local + 1)]
-        x = piece[:-1].reshape(-1, seq_len)
-        y = piece[1:].reshape(-1, seq_len)
-        return x, y
+        return span[self.rank * (local + 1) : (self.rank + 1) * (local + 1)]
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """int64 x and y of shape (local_tokens // seq_len, seq_len) for this rank's micro-step."""
+        piece = self._piece(global_tokens, seq_len, grad_accum_steps)
+        return piece[:-1].reshape(-1, seq_len), piece[1:].reshape(-1, seq_len)
+
+    def next_tensors(self, global_tokens: int, seq_len: int, grad_accum_steps: int,
+                     device: Any) -> tuple[Any, Any]:
+        """`next_batch` as torch tensors on `device`: ONE copy of this rank's piece, from pinned memory and
+        non-blocking on CUDA, so the host goes on queueing work while it travels."""
+        import torch
+
+        piece = torch.from_numpy(self._piece(global_tokens, seq_len, grad_accum_steps))
+        if torch.device(device).type == "cuda":
+            piece = piece.pin_memory().to(device, non_blocking=True)
+        return piece[:-1].view(-1, seq_len), piece[1:].view(-1, seq_len)
 
     def state_dict(self) -> dict[str, Any]:
         return {"stream": self.stream.state_dict(), "world_size": self.world_size}

@@ -4,6 +4,12 @@
       ─► warm-up on random tokens (compiled models only) ─► for each chunk: score, commit, [adapt]
       ─► all-reduce float64 sums (and the audit array) ─► eval_summary.json (+ .npz), rank 0
 
+Compiled graphs (TORCH_COMPILE; pgolf.compiled): `score` (one, under the mode's grad context:
+inference_mode for rows/sliding, no_grad for TTT) and, in TTT mode, `ttt_step` (one). The warm-up
+runs the very code path of scoring and adapting (same batch builder, same grad mode, same kind of
+input tensors) on random tokens, so nothing compiles on validation tokens or inside the loop. The
+window plan is copied to the device once; the loop then builds every batch on the device.
+
 Modes: `rows` (non-overlapping seq_len rows), `sliding` (stride EVAL_STRIDE), `ttt` (sliding windows in
 TTT_CHUNK_TOKENS chunks, score-first adaptation between chunks; see ttt.py). Every rank calls
 `evaluate`; each chunk's windows are split contiguously over the ranks, which move in lockstep.
@@ -21,11 +27,12 @@ import numpy as np
 import torch
 
 from pgolf import dist
+from pgolf.compiled import compile_counts, compile_events, is_compiled, maybe_compiled
 from pgolf.config import Config
 from pgolf.fileio import atomic_write, atomic_write_json
 from pgolf.errors import ArtifactError, ConfigError
 from pgolf.evaluate.budget import BudgetGuard, Clock, EvalClock
-from pgolf.evaluate.score import Tally, autocast_for, score_windows
+from pgolf.evaluate.score import Tally, score_windows, window_table
 from pgolf.evaluate.ttt import Adapter, cosine_lr, select_trainable
 from pgolf.evaluate.windows import Chunk, Window, check_tiling, plan_chunks, plan_rows, plan_windows, shard
 
@@ -57,6 +64,7 @@ class EvalResult:
     world_size: int = 1
     source: str = ""  # the weights file that was scored
     eval_max_seconds: float = 0.0
+    compiles: dict[str, int] = field(default_factory=dict)  # graphs compiled by this evaluation, per purpose
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,24 +108,23 @@ def _windows_for(mode: str, n_tokens: int, seq_len: int, stride: int) -> list[Wi
     return plan_rows(n_tokens, seq_len) if mode == "rows" else plan_windows(n_tokens, seq_len, stride)
 
 
-def _warm_up(model_fn: Any, cfg: Config, device: torch.device, adapter: Adapter | None,
+def _warm_up(score_fn: Any, cfg: Config, device: torch.device, adapter: Adapter | None,
              grad_ctx: Callable[[], Any]) -> None:
-    """Trace/compile on RANDOM tokens (never validation tokens: spec §7.1 item 6); weights untouched."""
+    """Compile on RANDOM tokens (never validation tokens: spec §7.1 item 6) by the loop's own code path:
+    `score_windows` under `grad_ctx` (so inputs are built the same way, e.g. as inference tensors) and
+    the adapter's forward + backward. Weights untouched."""
     g = torch.Generator().manual_seed(0)
-    seq_len, vocab = cfg.eval_seq_len, cfg.model.vocab_size
-    x = torch.randint(0, vocab, (cfg.eval.eval_batch_seqs, seq_len), generator=g).to(device)
+    seq_len, e = cfg.eval_seq_len, cfg.eval
+    rows = max(e.eval_batch_seqs, adapter.batch_seqs if adapter is not None else 0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (rows * seq_len + 1,), generator=g).to(device)
+    windows = plan_rows(len(tokens), seq_len)[: e.eval_batch_seqs]
+    table = window_table(windows, device)
     for _ in range(2):
-        with grad_ctx(), autocast_for(device):
-            model_fn(x)
-    if adapter is not None and adapter.rows_per_rank:
-        x = torch.randint(0, vocab, (adapter.rows_per_rank, seq_len), generator=g).to(device)
-        y = torch.randint(0, vocab, (adapter.rows_per_rank, seq_len), generator=g).to(device)
+        with grad_ctx():
+            score_windows(score_fn, tokens, windows, seq_len, e.eval_batch_seqs, e.ttt_temperature, True, table)
+    if adapter is not None:
         for _ in range(2):
-            with autocast_for(device):
-                logits = model_fn(x)
-            torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
-        for p in adapter.params:
-            p.grad = None
+            adapter.warm_up(tokens)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -128,6 +135,7 @@ def _score_chunks(*, model_fn: Any, tokens: torch.Tensor, windows: list[Window],
                   grad_ctx: Callable[[], Any]) -> tuple[int, int]:
     """Score chunk by chunk; between chunks adapt (TTT) while the budget allows. (steps, chunks adapted)"""
     e, seq_len = cfg.eval, cfg.eval_seq_len
+    table = window_table(windows, tokens.device)  # the plan's one host-to-device copy
     n_chunks = len(chunks)
     windows_left = len(windows)
     steps = adapted = 0
@@ -135,9 +143,11 @@ def _score_chunks(*, model_fn: Any, tokens: torch.Tensor, windows: list[Window],
     for chunk in chunks:
         t_score = clock.clock()
         a, b = shard(chunk.last_window - chunk.first_window, rank, world_size)
-        mine = windows[chunk.first_window + a: chunk.first_window + b]
+        lo, hi = chunk.first_window + a, chunk.first_window + b
+        mine = windows[lo:hi]
         with clock.part("score"), grad_ctx():
-            nll = score_windows(model_fn, tokens, mine, seq_len, e.eval_batch_seqs, e.ttt_temperature, pad_rows)
+            nll = score_windows(model_fn, tokens, mine, seq_len, e.eval_batch_seqs, e.ttt_temperature, pad_rows,
+                                table[lo:hi])
             if mine:
                 tally.add(mine[0].score_from, nll)
         n_win = chunk.last_window - chunk.first_window
@@ -195,7 +205,7 @@ def evaluate(cfg: Config, run_dir: Path, artifact_path: Path | None = None, mode
     run_dir/`summary_name` and, with `per_token_out`, the audit .npz (nll float32, bytes int32)."""
     from pgolf.data.bpb import bits_per_byte, val_target_bytes
     from pgolf.data.loader import load_val_tokens
-    from pgolf.model import build_model, maybe_compile
+    from pgolf.model import build_model
 
     eval_clock = EvalClock(clock)  # the eval clock starts before anything is read
     mode = mode or cfg.eval.eval_mode
@@ -206,6 +216,7 @@ def evaluate(cfg: Config, run_dir: Path, artifact_path: Path | None = None, mode
     loader = state_dict_loader or (load_checkpoint if checkpoint else default_loader)
     rank, world_size, _, device = dist.distributed_context(cfg.train.device)
     e, seq_len = cfg.eval, cfg.eval_seq_len
+    compile_mark = len(compile_events())
 
     with eval_clock.part("load"):
         if state_dict_loader is None and not checkpoint and source.suffix not in (".pt", ".pth"):
@@ -226,12 +237,13 @@ def evaluate(cfg: Config, run_dir: Path, artifact_path: Path | None = None, mode
         del state
         model.eval().requires_grad_(False)
         trainable = select_trainable(model, e.ttt_unfreeze_blocks) if mode == "ttt" else []
-        model_fn = maybe_compile(model, cfg.model, device)
-        compiled = model_fn is not model
+        model_fn = maybe_compiled("score", model, cfg.model.torch_compile, device)
+        compiled = is_compiled(model_fn)
         tokens = torch.from_numpy(tokens_np).to(device)
         adapter = None
         if mode == "ttt" and trainable:
-            adapter = Adapter(model_fn, [p for _, p in trainable], seq_len=seq_len, batch_seqs=e.ttt_batch_seqs,
+            ttt_fn = maybe_compiled("ttt_step", model, cfg.model.torch_compile, device)
+            adapter = Adapter(ttt_fn, [p for _, p in trainable], seq_len=seq_len, batch_seqs=e.ttt_batch_seqs,
                               grad_clip=e.ttt_grad_clip, temperature=e.ttt_temperature, rank=rank,
                               world_size=world_size, pad_rows=compiled)
     # scoring in TTT must not make inference tensors (the model may cache them and backprop later)
@@ -269,6 +281,7 @@ def evaluate(cfg: Config, run_dir: Path, artifact_path: Path | None = None, mode
         expected_targets=n_targets, ttt_chunks=len(chunks) if mode == "ttt" else 0, ttt_chunks_adapted=adapted,
         score_first_checks=tally.checks, seq_len=seq_len, stride=0 if mode == "rows" else e.eval_stride,
         world_size=world_size, source=str(source), eval_max_seconds=e.eval_max_seconds,
+        compiles=compile_counts(compile_mark),
     )
     if rank == 0 and per_token_out is not None:
         write_per_token(Path(per_token_out), per_token, target_bytes)

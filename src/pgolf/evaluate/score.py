@@ -33,20 +33,33 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def make_batch(tokens: torch.Tensor, spans: Sequence[tuple[int, int]], seq_len: int,
+def to_device(rows: Sequence[Sequence[int]], width: int, device: torch.device) -> torch.Tensor:
+    """(n, width) long tensor on `device`; on CUDA from pinned memory, so the copy does not block."""
+    t = torch.tensor(list(rows), dtype=torch.long).reshape(-1, width)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def spans_tensor(spans: Sequence[tuple[int, int]] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(n, 2) long tensor of (a, b) spans on `device` (a tensor already there is returned as is)."""
+    return spans if isinstance(spans, torch.Tensor) else to_device(spans, 2, device)
+
+
+def make_batch(tokens: torch.Tensor, spans: Sequence[tuple[int, int]] | torch.Tensor, seq_len: int,
                rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs/labels for spans of target indices: row i = tokens[a:b] -> tokens[a+1:b+1].
 
-    Rows are right-padded to seq_len (input 0, label IGNORE) and the batch to `rows` rows, so a
-    compiled forward sees one static shape; a causal model's outputs at real positions do not depend
-    on what follows them, so padding never changes a score."""
-    n_rows = max(len(spans), rows or 0, 1)
+    `spans` is a list of (a, b) or, in the scoring loops, an (n, 2) long tensor already on the device,
+    so building a batch copies nothing from the host. Rows are right-padded to seq_len (input 0, label
+    IGNORE) and the batch to `rows` rows, so a compiled forward sees one static shape; a causal model's
+    outputs at real positions do not depend on what follows them, so padding never changes a score."""
     device = tokens.device
-    start = torch.zeros(n_rows, dtype=torch.long)
-    length = torch.zeros(n_rows, dtype=torch.long)
-    for i, (a, b) in enumerate(spans):
-        start[i], length[i] = a, b - a
-    start, length = start.to(device), length.to(device)
+    spans = spans_tensor(spans, device)
+    n_rows = max(spans.size(0), rows or 0, 1)
+    if n_rows > spans.size(0):  # padded rows are the empty span (0, 0)
+        spans = torch.nn.functional.pad(spans, (0, 0, 0, n_rows - spans.size(0)))
+    start, length = spans[:, 0], spans[:, 1] - spans[:, 0]
     col = torch.arange(seq_len, device=device)
     valid = col[None, :] < length[:, None]
     pos = torch.where(valid, start[:, None] + col[None, :], torch.zeros_like(col)[None, :])
@@ -64,23 +77,39 @@ def token_nll(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, temperature: 
     return nll.view_as(y)
 
 
+def window_table(windows: Sequence[Window], device: torch.device) -> torch.Tensor:
+    """(n, 3) long tensor of (start, score_from, score_to) on `device`: the scoring loop's one copy."""
+    return to_device(windows, 3, device)
+
+
 def score_windows(model_fn: ModelFn, tokens: torch.Tensor, windows: Sequence[Window], seq_len: int,
-                  batch_seqs: int, temperature: float, pad_rows: bool) -> torch.Tensor:
-    """fp32 NLL of the targets scored by `windows`, concatenated in stream order (caller sets no-grad)."""
-    out: list[torch.Tensor] = []
+                  batch_seqs: int, temperature: float, pad_rows: bool,
+                  table: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 NLL of the targets scored by `windows`, concatenated in stream order (caller sets no-grad).
+
+    `table` is `window_table(windows)` already on the device; per batch nothing is copied from the host
+    and nothing waits for the device: each row's scored suffix is scattered to its target's slot (the
+    other positions go to a trash slot), with slot counts known on the host from `windows`."""
     device = tokens.device
+    if not windows:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    if table is None:
+        table = window_table(windows, device)
+    out: list[torch.Tensor] = []
+    col = torch.arange(seq_len, device=device)
     for i in range(0, len(windows), batch_seqs):
-        batch = windows[i:i + batch_seqs]
-        x, y = make_batch(tokens, [(w.start, w.score_to) for w in batch], seq_len,
-                          batch_seqs if pad_rows else None)
+        rows = table[i:i + batch_seqs]
+        base, n = windows[i].score_from, windows[min(i + batch_seqs, len(windows)) - 1].score_to
+        n -= base
+        x, y = make_batch(tokens, rows[:, [0, 2]], seq_len, batch_seqs if pad_rows else None)
         with autocast_for(device):
             nll = token_nll(model_fn, x, y, temperature)
-        # flat positions of the scored suffix of each window, row by row (an index, not a mask: no sync)
-        keep = np.concatenate([np.arange(r * seq_len + w.score_from - w.start, r * seq_len + w.score_to - w.start)
-                               for r, w in enumerate(batch)])
-        out.append(nll.flatten()[torch.from_numpy(keep).to(device, non_blocking=True)])
-    if not out:
-        return torch.zeros(0, dtype=torch.float32, device=device)
+        target = rows[:, :1] + col[None, :]  # (b, T): the target each position predicts
+        scored = (target >= rows[:, 1:2]) & (target < rows[:, 2:3])
+        slot = torch.where(scored, target - base, n)
+        flat = torch.zeros(n + 1, dtype=nll.dtype, device=device)
+        flat[slot.flatten()] = nll[: rows.size(0)].flatten()
+        out.append(flat[:n])
     return torch.cat(out)
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 
-from pgolf.evaluate.score import ModelFn, Tally, autocast_for, make_batch, token_nll
+from pgolf.evaluate.score import ModelFn, Tally, autocast_for, make_batch, spans_tensor, token_nll
 from pgolf.evaluate.windows import shard, split_range
 
 CONTROL_PARAM = re.compile(r"norm|scale|gain|mix|skip|lambda|gate|smear")
@@ -85,23 +85,36 @@ class Adapter:
     def adapt(self, tokens: torch.Tensor, lo: int, hi: int, tally: Tally, epochs: int) -> int:
         """Train `epochs` passes over the committed targets [lo, hi); returns optimizer steps taken."""
         seqs = split_range(lo, hi, self.seq_len)
+        spans = spans_tensor(seqs, tokens.device)  # exactly the spans checked below, one copy per chunk
         taken = 0
         for _ in range(epochs):
             for i in range(0, len(seqs), self.batch_seqs):
                 batch = seqs[i:i + self.batch_seqs]
                 tally.require_scored(batch)  # structural score-first check, before any gradient
-                self._step(tokens, batch)
+                self._step(tokens, batch, spans[i:i + self.batch_seqs])
                 taken += 1
         self.steps += taken
         return taken
 
-    def _step(self, tokens: torch.Tensor, batch: Sequence[tuple[int, int]]) -> None:
+    def warm_up(self, tokens: torch.Tensor) -> None:
+        """Compile the training graph on `tokens` (random, never validation) by the path `adapt` takes,
+        forward + backward, without an optimizer step; the gradients are dropped."""
+        seqs = split_range(0, min(len(tokens) - 1, self.batch_seqs * self.seq_len), self.seq_len)
+        self._backward(tokens, seqs, spans_tensor(seqs, tokens.device))
+        for p in self.params:
+            p.grad = None
+
+    def _backward(self, tokens: torch.Tensor, batch: Sequence[tuple[int, int]], spans: torch.Tensor) -> None:
+        """This rank's share of the step's summed NLL / the step's global target count, backpropagated."""
         a, b = shard(len(batch), self.rank, self.world_size)
         n_targets = sum(hi - lo for lo, hi in batch)  # the whole step's targets, over all ranks
-        x, y = make_batch(tokens, batch[a:b], self.seq_len, self.rows_per_rank)
+        x, y = make_batch(tokens, spans[a:b], self.seq_len, self.rows_per_rank)
         with autocast_for(tokens.device):
             loss = token_nll(self.model_fn, x, y, self.temperature).sum() / n_targets
         loss.backward()
+
+    def _step(self, tokens: torch.Tensor, batch: Sequence[tuple[int, int]], spans: torch.Tensor) -> None:
+        self._backward(tokens, batch, spans)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if self.world_size > 1:
             flat = torch.cat([g.flatten() for g in grads])

@@ -2,7 +2,8 @@
 
     train(cfg, run_dir):
         setup       process group, logs, input checks, model, optimizers, loader, val stream
-        prime       WARMUP_STEPS real steps to compile/warm kernels, then restore weights,
+        prime       WARMUP_STEPS real steps to compile/warm kernels (plus one with QAT on when late QAT
+                    is configured, so its graph is compiled off the clock too), then restore weights,
                     optimizer and loader (upstream's "warmup" is compile priming, not an LR warmup)
         resume      (optional) load checkpoint/state.pt
         loop        validate when due -> schedule (LR mult, Muon momentum, late QAT) -> step ->
@@ -12,6 +13,13 @@
 Clock: starts at the first real step, pauses during validation and checkpoint writes, and stops the
 run once elapsed + GPTQ_RESERVE_SECONDS >= MAX_WALLCLOCK_SECONDS on any rank (max over ranks), so
 the quantizer's calibration fits in the reserve. The step at which the cap trips is the last one.
+
+Compiled graphs (TORCH_COMPILE; pgolf.compiled): `train_step` (1, or 2 with late QAT), `val_nll`
+(1, or 2 with late QAT) and Muon's `newton_schulz` (one per matrix shape); each compile is a
+`compile` line in train.log and event in metrics.jsonl, with its reason. Under torchrun, gradients
+are averaged by DDP around the (compiled) step: bucketed all-reduces fire during the backward pass
+(Dynamo's DDP optimizer splits a compiled graph at the bucket boundaries), instead of one flat
+all-reduce after it; Muon keeps its own split of the Newton-Schulz work.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch
 import torch.distributed as torch_dist
 
 from pgolf import dist
+from pgolf.compiled import compile_counts, compile_events, is_compiled, maybe_compiled
 from pgolf.config import Config
 from pgolf.data.bpb import check_tokenizer_vocab, load_sentencepiece
 from pgolf.data.loader import DistributedTokenLoader
@@ -69,6 +78,7 @@ class TrainResult:
     pre_ema_val_bpb: float | None = None
     world_size: int = 1
     grad_accum_steps: int = 1
+    compiles: dict[str, int] | None = None  # graphs compiled by this stage, per purpose
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False, *,
@@ -91,7 +101,7 @@ class _Run:
     # ---- setup ------------------------------------------------------------------------------
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool):
-        from pgolf.model import build_model, maybe_compile
+        from pgolf.model import build_model
 
         self.cfg, self.t, self.run_dir = cfg, cfg.train, run_dir
         self.ctx = dist.distributed_context(cfg.train.device)
@@ -118,17 +128,19 @@ class _Run:
         if self.is_cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        self.compile_mark = self.logged_compiles = len(compile_events())  # this stage's compiles come after
         self.model = build_model(cfg.model, self.device)
-        if dist.is_distributed():  # same seed everywhere already; make it a guarantee
-            for tensor in self.model.state_dict().values():
-                torch_dist.broadcast(tensor, src=0)
-        self.model_fn = maybe_compile(self.model, cfg.model, self.device)
+        self.qat_planned = self.t.late_qat_threshold > 0
+        self.build_step_fns()
         self.opts: Optimizers = build_optimizers(self.model.param_groups(), self.t, cfg.model.tie_embeddings,
-                                                 self.ctx.rank, self.ctx.world_size)
+                                                 self.ctx.rank, self.ctx.world_size, cfg.model.torch_compile)
         self.loader = DistributedTokenLoader(cfg.data.data_path, self.ctx.rank, self.ctx.world_size,
                                              cfg.model.vocab_size)
         self.val: ValData = load_val(cfg.data.data_path, cfg.data.tokenizer_path or None,
                                      cfg.model.vocab_size, self.t.train_seq_len)
+        self.val_host = torch.from_numpy(self.val.tokens)
+        if self.is_cuda:
+            self.val_host = self.val_host.pin_memory()  # once: every validation batch's copy is async
         self.ema = EMA(self.model, self.t.ema_decay) if self.t.ema_decay > 0 else None
         self.step = 0
         self.training_time_ms = 0.0
@@ -137,6 +149,23 @@ class _Run:
         self.last_val: tuple[float, float] | None = None
         self.last_checkpoint_time = time.perf_counter()
         self.log_model()
+
+    def build_step_fns(self) -> None:
+        """The (compiled) loss and validation functions and, under torchrun, the DDP wrapper around the loss.
+
+        DDP broadcasts rank 0's weights at construction (same seed everywhere already; now a guarantee)."""
+        model, setting = self.model, self.cfg.model.torch_compile
+        graphs = 2 if self.qat_planned else 1
+        qat = (lambda: {"qat": model.qat_enabled}) if self.qat_planned else None
+        self.loss_fn = maybe_compiled("train_step", model.loss, setting, self.device, planned=graphs, state=qat)
+        self.val_fn = maybe_compiled("val_nll", model.per_token_nll, setting, self.device, planned=graphs, state=qat)
+        self.ddp = None
+        if dist.is_distributed():
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(
+                _StepModule(model, self.loss_fn), device_ids=[self.device] if self.is_cuda else None,
+                broadcast_buffers=False, gradient_as_bucket_view=True)
 
     def log_header(self, resume: bool) -> None:
         """The resolved config first (one `key:value` line per field), then the run's layout."""
@@ -155,7 +184,7 @@ class _Run:
 
     def log_model(self) -> None:
         backend = self.model.attention_backend(self.device)
-        compiled = self.model_fn is not self.model
+        compiled = is_compiled(self.loss_fn)
         self.log.record("phase", f"model_params:{self.model.num_params()}", phase="model",
                         model_params=self.model.num_params(), attention_backend=backend, compiled=compiled)
         self.log.line(f"attention_backend:{backend} torch_compile:{'on' if compiled else 'off'} "
@@ -209,40 +238,23 @@ class _Run:
         return contextlib.nullcontext()
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Forward/backward over the micro-batches, average grads over ranks, clip, step, EMA."""
+        """Forward/backward over the micro-batches (grads averaged over ranks during the last backward),
+        clip, step."""
         t = self.t
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(self.accum):
-            x, y = self.loader.next_batch(t.train_batch_tokens, t.train_seq_len, self.accum)
-            x = torch.from_numpy(x).to(self.device, non_blocking=True)
-            y = torch.from_numpy(y).to(self.device, non_blocking=True)
-            with self.autocast():
-                loss = self.model_fn(x, y)
-            (loss / self.accum).backward()
+        step_fn = self.ddp if self.ddp is not None else self.loss_fn
+        for i in range(self.accum):
+            x, y = self.loader.next_tensors(t.train_batch_tokens, t.train_seq_len, self.accum, self.device)
+            last = i == self.accum - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                with self.autocast():
+                    loss = step_fn(x, y)
+                (loss / self.accum).backward()
             loss_sum += loss.detach()
-        self.sync_grads()
         grad_norm = self.opts.clip_grad_norm()
         self.opts.step()
         self.opts.zero_grad()
         return loss_sum / self.accum, grad_norm
-
-    def sync_grads(self) -> None:
-        """Average gradients over ranks: one flat all-reduce per dtype (DDP's job, done by hand)."""
-        if not dist.is_distributed():
-            return
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in self.model.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-        for grads in by_dtype.values():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            torch_dist.all_reduce(flat)
-            flat /= self.ctx.world_size
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
 
     def schedule(self) -> float:
         """Set the LR multiplier and Muon momentum for the step about to run; late QAT switch."""
@@ -290,23 +302,39 @@ class _Run:
             self.train_step()
             if self.t.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == self.t.warmup_steps:
                 self.log.line(f"warmup_step:{i + 1}/{self.t.warmup_steps}")
+        if self.qat_planned and is_compiled(self.loss_fn):  # compile late QAT's graph now, not on the clock
+            self.model.set_qat(True)
+            self.train_step()
+            self.model.set_qat(False)
+            self.log.line("warmup_step:qat")
         self.sync_device()
         self.model.load_state_dict(model_state)
         self.opts.load_state_dict(opt_state)
         self.loader.load_state_dict(loader_state)
         self.opts.zero_grad()
         self.log.phase("priming", seconds=round(time.perf_counter() - start, 3), steps=self.t.warmup_steps)
+        self.log_compiles()
+
+    def log_compiles(self) -> None:
+        """A `compile` line + event for every graph compiled since the last call (with its reason)."""
+        events = compile_events()
+        for ev in events[self.logged_compiles:]:
+            self.log.record("compile", f"compile:{ev.purpose} graph:{ev.graph}/{ev.planned} "
+                            f"seconds:{ev.seconds:.1f} reason:{ev.reason}", purpose=ev.purpose, graph=ev.graph,
+                            planned=ev.planned, seconds=ev.seconds, reason=ev.reason)
+        self.logged_compiles = len(events)
 
     def validate(self) -> tuple[float, float]:
         """Val loss/bpb of the current weights; the caller pauses the clock around it."""
         start = time.perf_counter()
         self.model.eval()
         val_loss, val_bpb, _, _ = evaluate_rows(
-            lambda x, y: self.model_fn(x, y, reduction="none"), self.val, self.device,
-            self.ctx.rank, self.ctx.world_size, self.t.val_batch_size, self.autocast,
+            self.val_fn, self.val, self.device, self.ctx.rank, self.ctx.world_size, self.t.val_batch_size,
+            self.autocast, host_tokens=self.val_host,
         )
         self.model.train()
         self.last_eval_ms = 1000.0 * (time.perf_counter() - start)
+        self.log_compiles()
         return val_loss, val_bpb
 
     def log_val(self, val_loss: float, val_bpb: float) -> None:
@@ -501,7 +529,23 @@ class _Run:
             pre_ema_val_bpb=pre_ema[1] if pre_ema else None,
             world_size=self.ctx.world_size,
             grad_accum_steps=self.accum,
+            compiles=compile_counts(self.compile_mark),
         )
+
+
+class _StepModule(torch.nn.Module):
+    """What DDP wraps: the model (its parameters) and the loss function that runs it (maybe compiled).
+
+    DDP's own forward cannot be traced with fullgraph, so the compiled function runs inside it, where
+    Dynamo sees the active DDP module and splits the graph at DDP's bucket boundaries."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Any):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(x, y)
 
 
 # ---- small helpers ------------------------------------------------------------------------------

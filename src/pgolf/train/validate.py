@@ -2,7 +2,9 @@
 
 The val stream (every val shard, concatenated) is cut to n_rows * seq_len + 1 tokens; row j scores
 targets j*L+1 .. (j+1)*L, each row starting cold (spec §1.6, "non-overlapping rows"). Rows are split
-contiguously over ranks; NLL, target and byte sums are float64 and all-reduced, then
+contiguously over ranks; every forward gets the same number of rows (a rank's short last batch is
+padded with row copies whose NLL is dropped), so a compiled `nll_fn` needs one graph. NLL, target
+and byte sums are float64 and all-reduced, then
 bpb = sum NLL / (ln 2 * sum bytes) (pgolf.data.bpb). This is the diagnostic upstream prints as
 `val_loss`/`val_bpb` during training; the scored number comes from `pgolf evaluate`.
 """
@@ -52,19 +54,26 @@ def evaluate_rows(
     world_size: int,
     batch_tokens: int,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    host_tokens: torch.Tensor | None = None,
 ) -> tuple[float, float, int, int]:
-    """(val_loss, val_bpb, targets, bytes) over all ranks; `nll_fn(x, y)` returns (B, T) NLL."""
+    """(val_loss, val_bpb, targets, bytes) over all ranks; `nll_fn(x, y)` returns (B, T) NLL.
+
+    `host_tokens`: val.tokens as a (pinned) tensor, so each batch's copy to the GPU does not block."""
     L = val.seq_len
     start, end = val.n_rows * rank // world_size, val.n_rows * (rank + 1) // world_size
-    rows_per_batch = max(1, batch_tokens // (world_size * L))
+    rows_per_batch = max(1, min(batch_tokens // (world_size * L), end - start))
+    tokens = torch.from_numpy(val.tokens) if host_tokens is None else host_tokens
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     byte_sum = 0
     for r0 in range(start, end, rows_per_batch):
         r1 = min(r0 + rows_per_batch, end)
-        chunk = torch.from_numpy(val.tokens[r0 * L : r1 * L + 1]).to(device, non_blocking=True)
+        chunk = tokens[r0 * L : r1 * L + 1].to(device, non_blocking=True)
         x, y = chunk[:-1].view(-1, L), chunk[1:].view(-1, L)
+        if r1 - r0 < rows_per_batch:  # the short last batch: pad with copies of its first row
+            fill = rows_per_batch - (r1 - r0)
+            x, y = torch.cat([x, x[:1].expand(fill, L)]), torch.cat([y, y[:1].expand(fill, L)])
         with autocast():
-            nll = nll_fn(x, y)
+            nll = nll_fn(x, y)[: r1 - r0]
         nll_sum += nll.double().sum()
         byte_sum += int(val.target_bytes[r0 * L : r1 * L].sum(dtype=np.int64))
     sums = torch.stack([
