@@ -4,8 +4,11 @@
 #
 #   bash sky/node.sh gpus COUNT [sxm|any]   fail fast unless exactly COUNT H100s (SXM if asked)
 #   bash sky/node.sh install [--require-fa3|--cpu]
-#                                           install pgolf from the workdir; deps and the pinned
-#                                           FA3 wheel only when missing; then docker/selftest.py
+#                                           install pgolf from the workdir; a C compiler, deps and
+#                                           the pinned FA3 wheel only when missing; then
+#                                           docker/selftest.py --cuda (compiles the training step)
+#   bash sky/node.sh compiler                what torch.compile needs: a C compiler (gcc installed
+#                                           with apt-get when missing and root) and Python.h
 #   bash sky/node.sh phase NAME START_EPOCH  add now-START seconds to phase NAME in the phases file
 #   bash sky/node.sh env                     print the image/version facts the run records
 #   bash sky/node.sh code FILE SHA256        fail fast unless FILE (the generated train_gpt.py that
@@ -52,6 +55,41 @@ check_gpus() {
   echo "node.sh: ok: $count x ${names[0]} ($kind)"
 }
 
+# --- C compiler -------------------------------------------------------------------------------
+# torch.compile builds C at run time (inductor's CPU kernels, Triton's GPU launcher) against
+# Python.h. The public pytorch/pytorch:*-runtime images have no C compiler, so without this a run
+# gets through setup and the data download and then dies compiling its first step.
+c_compiler() {
+  local cc
+  for cc in "${CC:-}" gcc cc clang; do
+    if [[ -n "$cc" ]] && command -v "$cc" >/dev/null 2>&1; then
+      echo "$cc"
+      return 0
+    fi
+  done
+  return 1
+}
+
+ensure_compiler() {
+  local cc inc tmp
+  if ! c_compiler >/dev/null && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "node.sh: no C compiler on this image; installing gcc with apt-get (torch.compile needs one)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      gcc libc6-dev; } >/dev/null 2>&1 || echo "node.sh: apt-get install gcc failed" >&2
+  fi
+  cc="$(c_compiler)" || die "no C compiler (gcc, cc or clang) on PATH and none could be installed: torch.compile needs one; install gcc or use an image from make image"
+  inc="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" ||
+    die "$PY cannot report its include folder"
+  [[ -f "$inc/Python.h" ]] || die "Python.h is missing from $inc: torch.compile builds against it; install the python dev headers (python3-dev)"
+  tmp="$(mktemp -d)"
+  printf '#include <Python.h>\nint main(void) { return 0; }\n' >"$tmp/probe.c"
+  if ! "$cc" -I"$inc" -c "$tmp/probe.c" -o "$tmp/probe.o" 2>"$tmp/err"; then
+    die "$cc cannot compile against $inc/Python.h ($(head -n 1 "$tmp/err")); install gcc and libc6-dev"
+  fi
+  rm -rf "$tmp"
+  echo "node.sh: ok: C compiler $cc, Python.h in $inc"
+}
+
 # --- install ----------------------------------------------------------------------------------
 deps_present() {
   "$PY" -c "import numpy, sentencepiece, boto3, brotli, zstandard, huggingface_hub, python_minifier" \
@@ -88,6 +126,7 @@ install() {
   if [[ "$mode" != --cpu ]]; then
     "$PY" -c "import torch" 2>/dev/null ||
       die "torch is missing: use the YAML's default image_id or an image from make image"
+    ensure_compiler # before anything else: the first compiled step must not be where this shows
   fi
   deps_present || install_deps_from_lock
   # Always (re)install pgolf editable from the synced workdir: `sky exec` resyncs the workdir, so
@@ -99,11 +138,12 @@ install() {
     return
   fi
   fa3_present || install_fa3 || echo "node.sh: WARNING: FA3 install failed" >&2
+  # --cuda also compiles the training step of $PRESET's stack (small) and Newton-Schulz on a GPU
   if [[ "$mode" == --require-fa3 ]]; then
-    "$PY" docker/selftest.py --cuda --torch 2.9.1 --cuda-version 12.8
+    "$PY" docker/selftest.py --cuda --torch 2.9.1 --cuda-version 12.8 --preset "${PRESET:-seed}"
   else
     fa3_present || echo "node.sh: WARNING: FA3 missing; ATTENTION_BACKEND=auto uses SDPA (slower)" >&2
-    "$PY" docker/selftest.py --cuda --no-fa3
+    "$PY" docker/selftest.py --cuda --no-fa3 --preset "${PRESET:-seed}"
   fi
 }
 
@@ -145,10 +185,11 @@ main() {
   case "$cmd" in
     gpus) check_gpus "$@" ;;
     install) install "$@" ;;
+    compiler) ensure_compiler ;;
     phase) add_phase "$@" ;;
     env) print_env ;;
     code) check_code "$@" ;;
-    *) die "usage: node.sh gpus COUNT [sxm|any] | install [--require-fa3|--cpu] | phase NAME START | env | code FILE SHA256" ;;
+    *) die "usage: node.sh gpus COUNT [sxm|any] | install [--require-fa3|--cpu] | compiler | phase NAME START | env | code FILE SHA256" ;;
   esac
 }
 

@@ -85,6 +85,8 @@ def test_runtime_has_what_skypilot_needs_and_ends_with_a_self_test(dfp):
     apt = next(r for r in runs if "apt-get install" in r and "rsync" in r)
     for pkg in ("rsync", "openssh-server", "curl", "python3", "lrzip"):
         assert re.search(rf"\b{pkg}\b", apt), pkg
+    for pkg in ("gcc", "libc6-dev", "python3-dev"):  # torch.compile builds C against Python.h at run time
+        assert re.search(rf"(^|\s){re.escape(pkg)}(\s|$)", apt), pkg
     assert instructions(dfp, "USER")[-1] == "root"
     assert instructions(dfp, "ENTRYPOINT") == ["[]"]
     assert json.loads(dfp.cmd) == ["bash"] if dfp.cmd.startswith("[") else dfp.cmd == "bash"
@@ -198,6 +200,27 @@ def test_selftest_runs_here_and_fails_loudly_without_fa3():
                             capture_output=True, text=True)
     assert strict.returncode == 1  # this CPU venv has torch 2.13+cpu and no FA3: every check says so
     assert "flash_attn_interface" in strict.stderr and "not the pinned 2.9.1" in strict.stderr
+
+
+@pytest.mark.slow
+def test_selftest_cpu_compiles_the_training_step():
+    """The CI half of `selftest.py --cuda`: torch.compile (inductor, fullgraph) of the training step and of
+    Newton-Schulz on the CPU, with one graph for the step and one per matrix shape."""
+    proc = subprocess.run([sys.executable, str(DOCKER / "selftest.py"), "--cpu", "--preset", "debug"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "C toolchain ok" in proc.stdout
+    assert re.search(r"torch.compile ok on cpu: debug stack .* train_step 1 graph, newton_schulz 6 graphs", proc.stdout)
+
+
+def test_selftest_fails_in_one_line_without_a_c_compiler(tmp_path):
+    """No compiler on PATH (the public runtime image): the self-test says so before compiling anything."""
+    env = {**os.environ, "PATH": str(tmp_path), "CC": ""}  # an empty PATH: no gcc, cc or clang
+    proc = subprocess.run([sys.executable, str(DOCKER / "selftest.py"), "--cpu"], capture_output=True, text=True,
+                          env=env)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == ["selftest: FAIL: no C compiler (gcc, cc or clang) on PATH: "
+                                                "torch.compile needs one; install gcc"]
 
 
 # --- ignore files ---------------------------------------------------------------------------------

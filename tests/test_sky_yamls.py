@@ -515,3 +515,71 @@ def test_install_fallback_pins_everything_but_torch(tmp_path):
     assert "numpy" in names and "sentencepiece" in names and "boto3" in names
     assert not {n for n in names if n.startswith(("torch", "nvidia-", "triton", "setuptools"))}
     assert "install -q --no-deps --no-build-isolation -e ." in log.read_text()
+
+
+# --- the C compiler torch.compile needs ----------------------------------------------------------
+
+COMPILERS = {"gcc", "cc", "clang", "c++", "g++", "clang++", "apt-get"}
+
+
+def no_compiler_path(tmp_path: Path) -> Path:
+    """A bin folder linking every program on PATH except C compilers and apt-get: a machine like
+    the public pytorch runtime image, minus the package manager."""
+    bin_dir = tmp_path / "nocc"
+    bin_dir.mkdir()
+    for folder in os.environ["PATH"].split(os.pathsep):
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            target = Path(folder) / name
+            base = name.split("-")[-1] if name.startswith("x86_64-linux-gnu-") else name
+            if base in COMPILERS or re.match(r"(gcc|g\+\+|cc|clang)(-\d+)?$", base) or (bin_dir / name).exists():
+                continue
+            if os.access(target, os.X_OK) and target.is_file():
+                (bin_dir / name).symlink_to(target)
+    return bin_dir
+
+
+def test_install_without_a_c_compiler_fails_first_in_one_line(tmp_path):
+    """The public image has no gcc: without one (and no apt-get to get it), `install` stops before it
+    installs anything, with one line saying what is missing."""
+    env = {**os.environ, "PATH": str(no_compiler_path(tmp_path)), "PYTHON": sys.executable, "HOME": str(tmp_path)}
+    env.pop("CC", None)
+    proc = node(["install", "--require-fa3"], env)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
+    assert proc.stderr.startswith("node.sh: error: no C compiler (gcc, cc or clang)") and "install gcc" in proc.stderr
+    assert "pip" not in proc.stdout + proc.stderr  # nothing was installed before the check
+
+
+def test_public_image_path_installs_gcc_with_apt(tmp_path):
+    """As root with apt-get and no compiler (the public pytorch runtime image), the compiler step apt-installs
+    gcc + libc6-dev and then really builds a C file against Python.h with it."""
+    bin_dir = no_compiler_path(tmp_path)
+    log = tmp_path / "apt.log"
+    real_gcc = shutil.which("gcc")
+    assert real_gcc, "the test machine needs gcc to stand in for the one apt-get installs"
+    (bin_dir / "id").unlink(missing_ok=True)
+    (bin_dir / "id").write_text("#!/usr/bin/env bash\necho 0\n")  # root, as SkyPilot runs setup there
+    (bin_dir / "apt-get").write_text(
+        f"#!/usr/bin/env bash\necho \"$*\" >> {log}\n"
+        f"if [[ \"$1\" == install ]]; then printf '#!/usr/bin/env bash\\nexec {real_gcc} \"$@\"\\n' > {bin_dir}/gcc; "
+        f"chmod +x {bin_dir}/gcc; fi\n")
+    for name in ("id", "apt-get"):
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": str(bin_dir), "PYTHON": sys.executable, "HOME": str(tmp_path)}
+    env.pop("CC", None)
+    proc = node(["compiler"], env)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("update") and "install" in calls[1] and {"gcc", "libc6-dev"} <= set(calls[1].split())
+    assert "installing gcc" in proc.stdout and "node.sh: ok: C compiler gcc, Python.h in" in proc.stdout
+
+
+def test_yaml_setups_install_through_node_sh():
+    """Every GPU task installs with `node.sh install` (which checks the compiler); only the CPU-only data
+    task skips it with --cpu."""
+    for path in YAMLS:
+        setup = load(path).get("setup") or ""
+        line = next(ln.strip() for ln in setup.splitlines() if "node.sh install" in ln)
+        assert ("--cpu" in line) == (path.name == "data.yaml"), (path.name, line)
