@@ -265,6 +265,35 @@ def test_decompressor_garbage_with_a_valid_checksum_is_refused(tmp_path):
     assert "does not decompress with zlib" in _one_line_refusal(path)
 
 
+def test_compressors_run_in_parallel_processes_with_the_same_bytes():
+    data = [bytes(range(256)) * 300, b"pgolf" * 5000, bytes(4000)]
+    jobs = [(name, d) for name in ("zlib", "lzma", "brotli") for d in data]
+    assert A.compress_parallel(jobs, workers=3) == [A.compress(n, d) for n, d in jobs]
+
+
+def test_a_failing_compressor_process_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(A.COMPRESSORS, "nope", 9)
+    with pytest.raises(ArtifactError, match=r"compressing with nope failed \(ArtifactError: unknown compressor"):
+        A.compress_parallel([("zlib", b"x" * 100), ("nope", b"y" * 100)], workers=2)
+
+
+def test_probe_skips_hopeless_candidates_deterministically(monkeypatch):
+    """A body past PROBE_MIN_BYTES (shrunk here): every candidate compresses the same sample, only those
+    within PROBE_MARGIN of the best estimate are compressed in full, and the winner is the smallest of those."""
+    monkeypatch.setattr(A, "PROBE_MIN_BYTES", 16 << 10)
+    monkeypatch.setattr(A, "PROBE_SLICE_BYTES", 1 << 10)
+    g = torch.Generator().manual_seed(0)
+    state = {f"blocks.{i}.fc.weight": torch.randn(96, 128, generator=g) * 0.05 for i in range(4)}
+    entries = quantize_state_dict(state, QuantConfig(passthrough_max_numel=1024), set(state))[0]
+    blob, info = A.choose(entries, "auto", "auto", workers=2)
+    assert info["skipped"] and set(info["skipped"]) | set(info["candidates"]) == {
+        f"{lay}+{n}" for lay in A.LAYOUTS for n in A.COMPRESSORS}
+    assert all(ratio > 1 + A.PROBE_MARGIN for ratio in info["skipped"].values())
+    assert "int8+zlib" in info["skipped"]  # zlib-9 is never within 2% of the others on int6 values
+    assert len(blob) == min(info["candidates"].values()) and info["compress_seconds"] > 0
+    assert A.choose(entries, "auto", "auto", workers=1)[0] == blob  # the choice is a function of the bytes
+
+
 def test_missing_compressor_library_is_an_error_not_a_fallback(monkeypatch):
     import sys
 

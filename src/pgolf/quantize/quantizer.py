@@ -46,6 +46,7 @@ class QuantResult:
     report_path: Path
     size_cap_bytes: int
     seconds: float
+    compress_seconds: float = 0.0  # of `seconds`: trying the compressors (artifact.choose)
     # `entries` (the stored tensors, for dequantize_in_memory) is set as a plain attribute, not a
     # field, so that dataclasses.asdict(result) stays small
 
@@ -253,6 +254,9 @@ def quantize_checkpoint(
         "layout": info["layout"],
         "body_bytes": info["body_bytes"],
         "candidates": info["candidates"],
+        "skipped": info["skipped"],
+        "compress_workers": info["workers"],
+        "compress_seconds": info["compress_seconds"],
         "payload_bytes": sum(r.payload_bytes for r in rows),
         "model_bytes": model_bytes,
         "code_bytes": code,
@@ -266,10 +270,13 @@ def quantize_checkpoint(
     atomic_write_bytes(Path(report_path), report_json(report, rows).encode())
     for line in summary_lines(report):
         log.info(line)
+    log.info("compression: %s+%s of %d candidates (%d skipped by the probe), %.1f s with %d worker process(es)",
+             info["layout"], info["compressor"], len(info["candidates"]) + len(info["skipped"]), len(info["skipped"]),
+             info["compress_seconds"], info["workers"])
     for f in fallbacks:
         log.warning("quantize fallback: %s", f)
     result = QuantResult(model_bytes, code, total, info["compressor"], info["layout"], rows, Path(artifact_path),
-                         Path(report_path), q.size_cap_bytes, seconds)
+                         Path(report_path), q.size_cap_bytes, seconds, info["compress_seconds"])
     result.entries = entries
     if check_cap and total > q.size_cap_bytes:
         raise BudgetError(
