@@ -96,3 +96,30 @@ def test_pull_reproduces_the_run_folder_byte_for_byte(finished_run, tmp_path):
     remote = {p.relative_to(pulled): p.read_bytes() for p in pulled.rglob("*") if p.is_file()}
     assert local.keys() == remote.keys()
     assert all(local[k] == remote[k] for k in local)
+
+
+@pytest.mark.slow
+def test_compiled_pipeline_makes_exactly_the_planned_graphs(small_data, tmp_path):
+    """TORCH_COMPILE=on (inductor, fullgraph: a graph break would raise) through train -> quantize -> rows
+    eval -> TTT eval, debug preset, 2 steps: every stage compiles exactly its planned graphs, and nothing
+    compiles on the train clock."""
+    run_dir = tmp_path / "compiled"
+    code = main(["run", "--preset", "debug", "--out", str(run_dir), "--data", str(small_data),
+                 "--tokenizer-path", str(small_data / "tokenizer.model"), "--iterations", "2",
+                 "--torch-compile", "on", "--run-id", "compiled"])
+    assert code == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    train = json.loads((run_dir / "train_summary.json").read_text())
+    val_graphs = 2 if train["late_qat_step"] is not None else 1  # a validation under QAT is a graph of its own
+    assert summary["compiles"] == {
+        "train": {"train_step": 2, "newton_schulz": 6, "val_nll": val_graphs},  # train_step: QAT off + on (primed)
+        "eval_postquant": {"score": 1},  # rows, inference_mode: the warm-up's graph serves the whole pass
+        "eval": {"score": 1, "ttt_step": 1},  # TTT scoring under no_grad + TTT's training step
+    }
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    compiles = [e for e in events if e["event"] == "compile"]
+    assert all(e["graph"] <= e["planned"] for e in compiles)
+    first_step = next(i for i, e in enumerate(events) if e["event"] == "train")
+    assert all(e["purpose"] == "val_nll" for e in events[first_step:] if e["event"] == "compile")  # clock paused
+    assert "compile:train_step graph:2/2" in (run_dir / "train.log").read_text()
+    assert "qat False -> True" in next(e["reason"] for e in compiles if e["purpose"] == "train_step" and e["graph"] == 2)

@@ -71,8 +71,10 @@ def _describe(value: Any) -> str:
         if value.is_inference():
             flags.append("inference tensor")
         return " ".join(flags)
-    if isinstance(value, (list, tuple)) and len(value) <= 8:
-        return "(" + ", ".join(_describe(v) for v in value) + ")"
+    if isinstance(value, (list, tuple)):
+        if len(value) <= 3 and not any(isinstance(v, (list, tuple)) for v in value):
+            return "(" + ", ".join(_describe(v) for v in value) + ")"
+        return f"{type(value).__name__} of {len(value)}"
     return repr(value) if isinstance(value, (bool, int, float, str, type(None), torch.dtype)) else type(value).__name__
 
 
