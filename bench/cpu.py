@@ -13,6 +13,13 @@ Every figure is measured in this run, on the offline corpus (data/offline, built
   4. evaluation throughput (targets/s) of rows, sliding and TTT on the seed-plus artifact
   5. `make demo` phases: from the newest tiny run folder under runs/ (metrics.jsonl, summary.json,
      quant_report.json), else the same stages timed in step 2 for the seed-plus stack
+  6. step overheads (pgolf.perf): the compiled train step with QAT off vs on (kernels, ms), Newton-Schulz
+     eager vs compiled, gradient averaging on 2 gloo ranks (flat after backward vs DDP buckets during
+     it), host-to-device copies of the scoring loop
+  7. compression at full size (pgolf.perf): a seed-size int6 body drawn from the seed-plus artifact's own
+     value distributions; the previous selection (threads) vs processes + probe, seconds and bytes
+
+`--pieces quality,step,compress` picks pieces (quality = 1-5); `--pieces step,compress` runs in minutes.
 """
 
 from __future__ import annotations
@@ -383,6 +390,34 @@ def markdown(rep: dict[str, Any]) -> str:
             L += ["Inside `train`: " + ", ".join(f"{k} {v:.1f} s" for k, v in dm["train_detail_s"].items()) + ".", ""]
         L += [f"Total: {total:.1f} s (corpus build and store start-up are outside the run folder and not counted).", ""]
 
+    st = rep.get("step")
+    if st:
+        fq, ns, ov, cp = st["fake_quant"], st["newton_schulz"], st["overlap"], st["copies"]
+        L += [f"## 6. Step overheads ({st['shape']})", ""]
+        rows = [("train step, QAT off (every seed step now)", fq["kernels"]["qat_off"], fq["step_ms"]["qat_off"]),
+                ("train step, QAT on (every step before: fake-quant always traced)", fq["kernels"]["qat_on"],
+                 fq["step_ms"]["qat_on"])]
+        L += [B.format_table(("compiled fwd+bwd", "generated kernels", "median ms"), rows, markdown=True), ""]
+        L += [f"Newton-Schulz over {ns['matrices']} matrices: eager {ns['ms']['eager']:.1f} ms, compiled "
+              f"{ns['ms']['compiled']:.1f} ms ({ns['graphs']} graphs, one per shape; {ns['compile_s']:.1f} s to "
+              f"compile). Gradient averaging on {ov['world_size']} gloo ranks (eager fwd+bwd+average, "
+              f"{ov['grad_mb']:.1f} MB of gradients): one flat all-reduce after backward "
+              f"{ov['step_ms']['flat_after_backward']:.0f} ms vs {ov['buckets']} DDP buckets during backward "
+              f"{ov['step_ms']['ddp_buckets']:.0f} ms (same gradients: {ov['same_gradients']}). Host-to-device "
+              f"copies requested by the scoring loop: {cp['per_scoring_batch']:g} per batch, "
+              f"{cp['per_evaluation']:g} per evaluation.", ""]
+    cm = rep.get("compression")
+    if cm:
+        L += [f"## 7. Compression of a {cm['params']:,}-parameter int6 body ({cm['body_bytes']:,} B, "
+              f"{cm['cores']} cores)", ""]
+        rows = [("previous: 8 candidates on threads", cm["previous"]["seconds"], cm["previous"]["bytes"]),
+                (f"now: processes ({cm['now']['workers']}) + probe, {len(cm['now']['skipped'])} skipped",
+                 cm["now"]["seconds"], cm["now"]["bytes"])]
+        L += [B.format_table(("selection", "seconds", "artifact bytes"), rows, markdown=True), ""]
+        L += [f"Values drawn from `{cm['source']}` per tensor role (q values, row scales), at {cm['target']}. "
+              f"Chosen: {cm['now']['choice']}; skipped by the probe: "
+              f"{', '.join(f'{k} ({v:.3f}x)' for k, v in cm['now']['skipped'].items()) or 'none'}.", ""]
+
     L += ["## Bench time by piece", ""]
     L += [B.format_table(("piece", "seconds"), list(rep["pieces_s"].items()), markdown=True), ""]
     L += ["## Reproduce", "", "```bash", "make bench                      # this report; BENCH_STEPS=... to change the steps",
@@ -470,6 +505,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--offline-dir", type=Path, default=REPO / "data" / "offline", help="offline corpus folder")
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs", help="where to look for the latest demo run")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
+    p.add_argument("--pieces", default="quality,step,compress",
+                   help="comma-separated: quality (pieces 1-5), step (6), compress (7); default all")
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
                    help="only rewrite the markdown and PNG beside an existing report JSON")
     args = p.parse_args(argv)
@@ -529,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = B.utc_stamp()
     out_dir = args.out_dir
     work = out_dir / f"{stamp}-runs"
-    stacks = [s.strip() for s in args.stacks.split(",") if s.strip()]
+    wanted = {p.strip() for p in args.pieces.split(",") if p.strip()}
+    stacks = [s.strip() for s in args.stacks.split(",") if s.strip()] if "quality" in wanted else []
     pieces: dict[str, float] = {}
     rep: dict[str, Any] = {"kind": "pgolf cpu bench", "utc": stamp, "quick": args.quick,
                            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -541,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
 
     n_val, n_full = len(load_val_tokens(data)) - 1, len(load_val_tokens(args.offline_dir)) - 1
     cfgs = {s: stack_config(s, args, data, args.offline_dir, n_val / n_full) for s in stacks}
-    any_cfg = next(iter(cfgs.values()))
+    any_cfg = next(iter(cfgs.values()), None) or stack_config("seed-plus", args, data, args.offline_dir)
     rep["shape"] = B.describe_shape(any_cfg)
     rep["ttt"] = {"chunk_tokens": any_cfg.eval.ttt_chunk_tokens, "epochs": any_cfg.eval.ttt_epochs,
                   "lr": any_cfg.eval.ttt_lr, "batch_seqs": any_cfg.eval.ttt_batch_seqs,
@@ -577,8 +615,24 @@ def main(argv: list[str] | None = None) -> int:
             "sliding": rep["quality"]["seed-plus"]["eval"]["sliding"],
             "ttt": rep["quality"]["seed-plus"]["eval"]["ttt"]}}
 
-    log("5/5 demo phases")
-    rep["demo"] = demo_phases(args.runs_dir, rep["quality"].get("seed-plus"), args.steps, args.shape)
+    if "quality" in wanted:
+        log("5/5 demo phases")
+        rep["demo"] = demo_phases(args.runs_dir, rep["quality"].get("seed-plus"), args.steps, args.shape)
+
+    if "step" in wanted:
+        log("6/7 step overheads: fake-quant in the compiled step, Newton-Schulz, gradient overlap (2 gloo ranks), "
+            "copies")
+        from pgolf import perf
+
+        with timed(pieces, "step overheads"):
+            rep["step"] = perf.step_overheads(stack_config("seed-plus", args, data, args.offline_dir), args.rounds)
+    if "compress" in wanted:
+        log("7/7 compression of a full-size int6 body: previous (threads) vs processes + probe")
+        from pgolf import perf
+
+        with timed(pieces, "compression"):
+            rep["compression"] = perf.compression_at_full_size(
+                stack_config("seed-plus", args, data, args.offline_dir), work / "seed-plus", args.quick)
 
     rep["pieces_s"] = pieces
     rep["wall_s"] = time.perf_counter() - t_start
@@ -590,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     B.write_json(paths["json"], rep)
     B.write_text(paths["md"], markdown(rep))
     log(f"wrote {paths['json']}, {paths['md']}" + (f", {paths['png']}" if rep["files"]["png"] else " (no matplotlib: no PNG)"))
-    for line in rep["verdict"]:
+    for line in rep.get("verdict", []):
         log(line)
     return 0
 

@@ -1,19 +1,27 @@
-"""`make gpu-check`: the seed stacks at full size on ONE GPU, projected to the 8 x H100 record run.
+"""`make gpu-check`: the first contact with CUDA in one call (<= 6 min, one GPU, the machine's own torch).
 
     PYTHONPATH=src python bench/gpu_check.py                     # on the GPU machine, ~4-5 min
-    PYTHONPATH=src python bench/gpu_check.py --device cpu --shape debug --steps 2   # logic dry run
+    PYTHONPATH=src python bench/gpu_check.py --device cpu --shape debug --micro-batch 0 --steps 2   # dry run
 
-For each preset (`seed`, `seed-plus`): the trainer's model and optimizers, compiled (TORCH_COMPILE
-rule), FlashAttention 3 if importable else SDPA, one micro-batch of 48 x 2048 per forward:
-  train   ms per micro-step (fwd+bwd) and per optimizer step after warm-up, tokens/s, MFU, peak memory
-  eval    sliding-window scoring throughput (windows/s, targets/s), compile warm-up
-  ttt     one rank's score-first TTT optimizer step (its share of TTT_BATCH_SEQS), time per TTT chunk
-  8 GPUs  projected step time (with an all-reduce estimate), steps reached in the 600 s cap,
-          full sliding and TTT eval times
+For each preset (default `seed`; `--presets seed,seed-plus` for both), at full size, through the
+trainer's and evaluator's own compiled wrappers (pgolf.compiled: inductor, fullgraph):
+  compile  the graphs each wrapper made against its plan: train_step (1, +1 with late QAT, compiled by
+           flipping QAT once), newton_schulz (one per matrix shape), score and ttt_step (1 each), and
+           no recompile during the timed steps
+  attention  FA3 if importable, else SDPA (recorded)
+  train    `--steps` (20) timed steps at the real micro-batch (48 x 2048): ms per micro-step and per
+           optimizer step, tokens/s, MFU, peak memory
+  gptq     one GPTQ of the largest full-size layer (the MLP projection, 512 x 1536) with a Hessian from
+           random activations, through the quantizer's own routing
+  eval     sliding-window scoring rate (windows/s), one rank's TTT step, and one whole TTT chunk as one of
+           8 ranks runs it (score its share of the chunk's windows, then adapt on its share, all epochs)
+  8 GPUs   projected step time (DDP's overlapped all-reduce), steps in the 600 s cap, sliding/TTT eval times
 Tokens are random (no data needed). Needs nothing but PyTorch (+ numpy, sentencepiece imported by
-pgolf); no network, no pip. A deadline (--deadline-s, default 270 s) skips sections that would not fit,
-and a watchdog 30 s later writes what was measured and exits, so a hung compile cannot pass ~5 min. Writes a table to stdout and
-JSON to bench/gpu/<yyyymmdd>-<gpu>.json (CPU dry runs: bench/results/).
+pgolf); no network, no pip. A deadline (--deadline-s, default 300 s) skips sections that would not fit,
+and a watchdog 30 s later writes what was measured and exits 3, so a hung compile cannot pass 6 min.
+A failed check (compile counts) exits 4 after writing everything. Writes a table, then the JSON, to
+stdout and to bench/gpu/<yyyymmdd>-<gpu>.json (CPU dry runs: bench/results/). Without CUDA: one
+`error:` line, exit 2.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ REFERENCE = {"seed": {"source": "technique-spec §6, PR #490 seed 1337 log", "st
                       "tokens_per_s": 7.89e6, "peak_memory_mib": 21374, "sliding_eval_s": 94.8}}
 EXIT_NO_CUDA = 2
 EXIT_DEADLINE = 3
+EXIT_CHECK_FAILED = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,18 +110,27 @@ def environment(device) -> dict[str, Any]:
 
 
 def measure_train(cfg, device, steps: int) -> dict[str, Any]:
-    """Warm-up (compile) then `steps` x (micro-step + optimizer step); medians in ms."""
+    """Compile (warm-up, + the QAT graph when the stack has late QAT), then `steps` x (micro-step +
+    optimizer step); medians in ms; graphs per compiled wrapper against their plan."""
     import torch
 
-    runner = B.StepRunner(cfg, device)
-    from pgolf.compiled import is_compiled
+    from pgolf.compiled import compile_counts, compile_events, is_compiled
 
+    mark = len(compile_events())
+    runner = B.StepRunner(cfg, device)
     compiled = is_compiled(runner.model_fn)
+    qat = cfg.train.late_qat_threshold > 0
     t0 = time.perf_counter()
-    for _ in range(2):  # the first compiles forward+backward; the second catches recompiles
+    for _ in range(2):  # the first compiles forward+backward and Newton-Schulz; the second catches recompiles
         runner.micro_step()
         runner.opt_step()
+    if qat:  # the trainer primes late QAT's graph the same way, before its clock starts
+        runner.model.set_qat(True)
+        runner.micro_step()
+        runner.model.set_qat(False)
+        runner.opts.zero_grad()
     warmup_s = time.perf_counter() - t0
+    warm_counts = compile_counts(mark)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     micro, opt = [], []
@@ -127,14 +145,17 @@ def measure_train(cfg, device, steps: int) -> dict[str, Any]:
     peak = B.peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     tok_s = runner.micro_tokens / micro_s
     one_gpu_step_s = runner.accum * micro_s + opt_s
+    shapes = len({tuple(p.shape) for _, p in runner.model.param_groups()["matrix"]})
     out = {
         "micro_batch": f"{t.micro_batch_seqs}x{t.train_seq_len}", "micro_tokens": runner.micro_tokens,
         "params": runner.model.num_params(), "matmul_params": B.matmul_params(m), "compiled": compiled,
         "attention_backend": runner.model.attention_backend(device), "warmup_s": warmup_s, "timed_steps": steps,
         "micro_ms": 1e3 * micro_s, "micro_ms_min": 1e3 * min(micro), "opt_ms": 1e3 * opt_s, "ns_ms": 1e3 * ns,
-        "tokens_per_s": tok_s, "one_gpu_step_ms": 1e3 * one_gpu_step_s, "one_gpu_accum": runner.accum,
-        "train_flops_per_token": flops, "mfu": tok_s * flops / peak if peak else None,
+        "step_ms": 1e3 * (micro_s + opt_s), "tokens_per_s": tok_s, "one_gpu_step_ms": 1e3 * one_gpu_step_s,
+        "one_gpu_accum": runner.accum, "train_flops_per_token": flops, "mfu": tok_s * flops / peak if peak else None,
         "grad_allreduce_bytes": grad_bytes, "muon_allreduce_bytes": muon_bytes,
+        "graphs": warm_counts, "graphs_expected": {"train_step": 2 if qat else 1, "newton_schulz": shapes}
+        if compiled else {}, "recompiles_in_timed_steps": sum(compile_counts(mark).values()) - sum(warm_counts.values()),
     }
     if device.type == "cuda":
         out["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -142,6 +163,28 @@ def measure_train(cfg, device, steps: int) -> dict[str, Any]:
     else:
         out["peak_memory_mib"] = None
     return out
+
+
+def measure_gptq(cfg, device) -> dict[str, Any]:
+    """One GPTQ of the largest block matrix at full size (MLP proj, d x mlp_hidden), Hessian from random
+    activations of one micro-batch, through quantize_state_dict (row-scale search + GPTQ, as the stage)."""
+    import torch
+
+    from pgolf.quantize.quantizer import quantize_state_dict
+
+    m, q, t = cfg.model, cfg.quant, cfg.train
+    g = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(m.model_dim, m.mlp_hidden, device=device, generator=g) * 0.02
+    x = torch.randn(min(t.micro_batch_seqs * t.train_seq_len, 32_768), m.mlp_hidden, device=device, generator=g)
+    h = (x.T @ x) / x.size(0)
+    name = "blocks.0.mlp.proj.weight"
+    B.sync(device)
+    t0 = time.perf_counter()
+    entries, rows, _ = quantize_state_dict({name: w}, q, {name}, {name: h}, device)
+    B.sync(device)
+    row = rows[0]
+    return {"layer": name, "shape": list(w.shape), "hessian": list(h.shape), "method": row.method, "bits": row.bits,
+            "seconds": time.perf_counter() - t0, "rel_err": row.rel_err, "out_err": row.out_err}
 
 
 def measure_eval(cfg, device, batches: int, ttt_steps: int, gpus: int, deadline: Deadline) -> dict[str, Any]:
@@ -152,10 +195,11 @@ def measure_eval(cfg, device, batches: int, ttt_steps: int, gpus: int, deadline:
     from pgolf.evaluate.score import Tally, score_windows
     from pgolf.evaluate.ttt import Adapter, select_trainable
     from pgolf.evaluate.windows import plan_windows
-    from pgolf.compiled import is_compiled, maybe_compiled
+    from pgolf.compiled import compile_counts, compile_events, is_compiled, maybe_compiled
     from pgolf.model import build_model
 
     e, seq = cfg.eval, cfg.eval_seq_len
+    mark = len(compile_events())
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, device)
     model.eval().requires_grad_(False)
@@ -193,7 +237,8 @@ def measure_eval(cfg, device, batches: int, ttt_steps: int, gpus: int, deadline:
         out["ttt"] = {"skipped": f"deadline: {deadline.left():.0f} s left"}
         return out
     rows = -(-e.ttt_batch_seqs // gpus)  # one rank's share of a TTT step
-    adapter = Adapter(model_fn, [p for _, p in trainable], seq_len=seq, batch_seqs=rows, grad_clip=e.ttt_grad_clip,
+    ttt_fn = maybe_compiled("ttt_step", model, cfg.model.torch_compile, device)
+    adapter = Adapter(ttt_fn, [p for _, p in trainable], seq_len=seq, batch_seqs=rows, grad_clip=e.ttt_grad_clip,
                       temperature=e.ttt_temperature, rank=0, world_size=1, pad_rows=compiled)
     adapter.set_lr(e.ttt_lr)
     span = rows * seq
@@ -213,7 +258,35 @@ def measure_eval(cfg, device, batches: int, ttt_steps: int, gpus: int, deadline:
     out["ttt"] = {"rows_per_rank": rows, "warmup_s": ttt_warm, "timed_steps": len(ttt_times),
                   "step_ms": 1e3 * B.median(ttt_times),
                   "trainable_bytes": sum(p.numel() * p.element_size() for p in adapter.params)}
+    out["ttt_chunk"] = one_ttt_chunk(cfg, model_fn, adapter, tokens, tally, gpus, compiled)
+    out["graphs"] = compile_counts(mark)
+    out["graphs_expected"] = {"score": 1, "ttt_step": 1} if compiled else {}
     return out
+
+
+def one_ttt_chunk(cfg, model_fn, adapter, tokens, tally, gpus: int, pad_rows: bool) -> dict[str, Any]:
+    """One TTT chunk as rank 0 of `gpus` runs it: score its share of the chunk's windows, then TTT_EPOCHS
+    passes over its share of the chunk's sequences (the all-reduce of the gradients is not included)."""
+    import torch
+
+    from pgolf.evaluate.score import score_windows
+    from pgolf.evaluate.windows import plan_windows
+
+    e, seq = cfg.eval, cfg.eval_seq_len
+    share = max(seq, e.ttt_chunk_tokens // gpus)  # this rank's targets of one chunk
+    n = min(len(tokens), share + seq + 1)
+    windows = plan_windows(n, seq, e.eval_stride)[1:]
+    windows = windows[: max(1, -(-(e.ttt_chunk_tokens // e.eval_stride) // gpus))]
+    B.sync(tokens.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        score_windows(model_fn, tokens, windows, seq, e.eval_batch_seqs, e.ttt_temperature, pad_rows)
+    B.sync(tokens.device)
+    score_s = time.perf_counter() - t0
+    steps = adapter.adapt(tokens, 0, min(share, len(tokens) - 1), tally, e.ttt_epochs)
+    B.sync(tokens.device)
+    return {"chunk_tokens": e.ttt_chunk_tokens, "gpus": gpus, "windows": len(windows), "score_s": score_s,
+            "adapt_steps": steps, "seconds": time.perf_counter() - t0}
 
 
 def val_targets(cfg) -> tuple[int, str]:
@@ -286,13 +359,13 @@ def default_out(env: dict[str, Any], stamp: str) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run of the logic")
-    p.add_argument("--presets", default="seed,seed-plus", help="comma-separated stacks (default: seed,seed-plus)")
+    p.add_argument("--presets", default="seed", help="comma-separated stacks (default: seed)")
     p.add_argument("--shape", default=None, help="run the stacks at this preset's size (default: full size)")
     p.add_argument("--micro-batch", type=int, default=48, help="sequences per forward (default 48; 0 = the shape's)")
-    p.add_argument("--steps", type=int, default=10, help="timed training steps after warm-up (default 10)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps after warm-up (default 20)")
     p.add_argument("--eval-batches", type=int, default=6, help="timed scoring batches (default 6)")
     p.add_argument("--ttt-steps", type=int, default=4, help="timed TTT steps (default 4)")
-    p.add_argument("--deadline-s", type=float, default=270.0,
+    p.add_argument("--deadline-s", type=float, default=300.0,
                    help="start no new section after this; the watchdog ends the run 30 s later (0 = none)")
     p.add_argument("--busbw-gbs", type=float, default=B.Cluster.busbw_gbs, help="all-reduce bus bandwidth, GB/s")
     p.add_argument("--gpus", type=int, default=8, help="GPUs of the projected node (default 8)")
@@ -358,9 +431,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         entry["train"] = measure_train(cfg, device, args.steps)
-        print(f"  {name} train: {entry['train']['micro_ms']:.2f} ms/micro-step ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
+        print(f"  {name} train: {entry['train']['micro_ms']:.2f} ms/micro-step, graphs {entry['train']['graphs']} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
         _release(cuda)
+    first = next(iter(cfgs.values()), None)
+    if first is not None and deadline.allows(20.0 if cuda else 0.0):
+        report["gptq"] = measure_gptq(first, device)
+        print(f"  gptq {report['gptq']['shape']}: {report['gptq']['seconds']:.2f} s", flush=True)
     for name, cfg in cfgs.items():
         entry = report["presets"][name]
         if not deadline.allows(50.0 if cuda else 0.0):
@@ -377,13 +454,38 @@ def main(argv: list[str] | None = None) -> int:
             entry["projection"] = project(cfg, entry["train"], entry.get("eval"), peak, cluster)
     deadline.cancel()
     report["wall_s"] = deadline.elapsed()
-    report["notes"].append("projection: step = accum*micro + (opt - NS) + NS/gpus + ring all-reduce(grads fp32 + "
-                           "Muon bf16 updates) at the assumed bus bandwidth; eval = warm-up + windows/(gpus*rate)")
+    report["checks"] = checks(report)
+    report["notes"].append("projection: step = accum*micro + (opt - NS) + NS/gpus + ring all-reduce of the last DDP "
+                           "gradient bucket (the others overlap the backward) + Muon's bf16 updates, at the assumed "
+                           "bus bandwidth; eval = warm-up + windows/(gpus*rate)")
     B.write_json(out_path, report)
     print(table(report))
     print(out_path.read_text(), end="")
+    failed = [f"{k}: {v['detail']}" for k, v in report["checks"].items() if not v["ok"]]
     print(f"wrote {out_path} ({report['wall_s']:.0f} s)")
+    for k, v in report["checks"].items():
+        print(f"check {k}: {'ok' if v['ok'] else 'FAILED'} ({v['detail']})")
+    if failed:
+        print(f"error: gpu-check: {'; '.join(failed)}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     return 0
+
+
+def checks(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What the call proves: compiled graphs as planned (and none during timed steps), the kernel in use."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in report["presets"].items():
+        for section in ("train", "eval"):
+            r = entry.get(section, {})
+            if "graphs" not in r:
+                continue
+            ok = r["graphs"] == r["graphs_expected"] and not r.get("recompiles_in_timed_steps")
+            out[f"{name} {section} compile"] = {
+                "ok": ok, "detail": f"graphs {r['graphs']} expected {r['graphs_expected']}"
+                + (f", {r['recompiles_in_timed_steps']} recompiles in the timed steps"
+                   if r.get("recompiles_in_timed_steps") else "")}
+    out["attention"] = {"ok": True, "detail": report["environment"]["attention_backend"]}
+    return out
 
 
 def _release(cuda: bool) -> None:

@@ -4,7 +4,9 @@
 #   make bench BENCH_QUICK=1         the same pieces at the debug shape, for a smoke run (figures meaningless)
 #   make bench BENCH_STEPS=300       more training steps per stack (default 100)
 #   make bench BENCH_ARGS='--val-tokens 0 --threads 1'   whole val split; 1 thread on a busy machine
-#   make gpu-check                   one CUDA GPU, ~5 min: seed/seed-plus at full size, 8xH100 projections,
+#   make bench BENCH_ARGS='--pieces step,compress'   only the step-overhead and compression pieces
+#   make gpu-check                   one CUDA GPU, <= 6 min: compile counts, FA3/SDPA, seed at full size (20 steps),
+#                                    one GPTQ layer, one TTT chunk, 8xH100 projections,
 #                                    JSON in bench/gpu/<yyyymmdd>-<gpu>.json (needs only the machine's python)
 
 BENCH_QUICK ?=
@@ -19,8 +21,8 @@ bench: venv ## CPU benchmark: throughput, quality A/B, quantizer, eval rates, de
 	@echo ">> CPU bench$(if $(BENCH_QUICK), (quick: debug shape)): baseline vs seed vs seed-plus on the offline corpus; report in bench/results/"
 	$(VPY) bench/cpu.py $(if $(BENCH_QUICK),--quick) $(if $(BENCH_STEPS),--steps $(BENCH_STEPS)) $(BENCH_ARGS)
 
-gpu-check: ## one GPU: seed/seed-plus step time, MFU, memory, eval/TTT rates, 8xH100 projections -> bench/gpu/
-	@echo ">> gpu-check with $(GPU_PYTHON) (no venv, no network): full-size seed and seed-plus, 48x2048 micro-batches, <= ~5 min"
+gpu-check: ## one GPU, <= 6 min: compile counts, attention kernel, seed step time/memory, GPTQ, TTT chunk, 8xH100 projection -> bench/gpu/
+	@echo ">> gpu-check with $(GPU_PYTHON) (no venv, no network): full-size seed, 48x2048 micro-batches, <= 6 min"
 	PYTHONPATH=src $(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 .PHONY: bench-data

@@ -112,7 +112,7 @@ def test_project_train_by_hand():
     assert B.allreduce_ms(4e8, cl) == pytest.approx(1.8)
     p = B.project_train(micro_ms=80.0, opt_ms=16.0, ns_ms=8.0, grad_bytes=4e8, muon_bytes=2e8,
                         train_batch_tokens=786_432, micro_batch_seqs=48, seq_len=2048, gptq_reserve_s=8.0,
-                        flops_per_token=2e8, peak_flops=1e15, cluster=cl)
+                        flops_per_token=2e8, peak_flops=1e15, cluster=cl, grad_buckets=1)
     step = 80.0 + (16.0 - 8.0) + 8.0 / 8 + 1.8 + 0.925  # one micro-step per rank: 8 x 48 x 2048 = 786,432
     assert p["grad_accum_steps"] == 1
     assert p["step_ms"] == pytest.approx(step)
@@ -120,6 +120,12 @@ def test_project_train_by_hand():
     assert p["tokens_per_s"] == pytest.approx(786_432 / (step / 1000))
     assert p["mfu"] == pytest.approx(p["tokens_per_s"] * 2e8 / 8e15)
     assert B.allreduce_ms(4e8, B.Cluster(gpus=1)) == 0.0
+    # DDP: 4e8 B in 25 MiB buckets = 16; only the last one's all-reduce is left after the backward
+    overlapped = B.project_train(micro_ms=80.0, opt_ms=16.0, ns_ms=8.0, grad_bytes=4e8, muon_bytes=2e8,
+                                 train_batch_tokens=786_432, micro_batch_seqs=48, seq_len=2048, gptq_reserve_s=8.0,
+                                 flops_per_token=2e8, peak_flops=1e15, cluster=cl)
+    assert overlapped["grad_buckets"] == 16
+    assert overlapped["step_ms"] == pytest.approx(step - 1.8 + (0.05 + 1.75 / 16))
 
 
 def test_project_eval_by_hand():
@@ -228,8 +234,8 @@ def test_demo_phases_from_the_newest_tiny_run(cpu_bench, tmp_path):
 
 
 def test_quick_bench_writes_the_report(cpu_bench, offline_data, tmp_path):
-    rc = cpu_bench.main(["--quick", "--stacks", "baseline,seed-plus", "--steps", "2", "--val-tokens", "1024",
-                         "--rounds", "1", "--threads", "1", "--out-dir", str(tmp_path),
+    rc = cpu_bench.main(["--quick", "--pieces", "quality", "--stacks", "baseline,seed-plus", "--steps", "2",
+                         "--val-tokens", "1024", "--rounds", "1", "--threads", "1", "--out-dir", str(tmp_path),
                          "--offline-dir", str(offline_data), "--runs-dir", str(tmp_path / "no-runs")])
     assert rc == 0
     reports = list(tmp_path.glob("*.json"))
@@ -285,20 +291,42 @@ def test_gpu_check_imports_without_optional_packages():
 
 
 def test_gpu_check_dry_run_on_cpu(gpu_check, tmp_path, capsys):
+    """Every section of the GPU call at the debug size on the CPU (eager: TORCH_COMPILE is off on CPU)."""
     out = tmp_path / "gc.json"
-    rc = gpu_check.main(["--device", "cpu", "--shape", "debug", "--micro-batch", "0", "--steps", "1",
-                         "--eval-batches", "1", "--ttt-steps", "1", "--out", str(out)])
+    rc = gpu_check.main(["--device", "cpu", "--presets", "seed,seed-plus", "--shape", "debug", "--micro-batch", "0",
+                         "--steps", "1", "--eval-batches", "1", "--ttt-steps", "1", "--out", str(out)])
     assert rc == 0
     rep = json.loads(out.read_text())
     assert set(rep["presets"]) == {"seed", "seed-plus"}
     for entry in rep["presets"].values():
         tr, ev, pj = entry["train"], entry["eval"], entry["projection"]
         assert tr["micro_ms"] > 0 and tr["compiled"] is False and tr["attention_backend"] == "sdpa"
+        assert tr["step_ms"] == pytest.approx(tr["micro_ms"] + tr["opt_ms"])
+        assert tr["graphs"] == tr["graphs_expected"] == {} and tr["recompiles_in_timed_steps"] == 0
         assert tr["train_flops_per_token"] == B.train_flops_per_token(B.at_shape("seed", "debug").model, 64)
         assert ev["windows_per_s"] > 0 and ev["ttt"]["step_ms"] > 0
+        # one of 8 ranks' share of a 2,048-token chunk: 128 windows / 8; 32 sequences in steps of 8 (1 per rank), 1 epoch
+        chunk = ev["ttt_chunk"]
+        assert chunk["windows"] == 2048 // 16 // 8 and chunk["adapt_steps"] == 32 // 8
+        assert chunk["seconds"] > chunk["score_s"] > 0
         assert pj["train"]["steps_in_cap"] > 0 and pj["eval"]["ttt_total_s"] > pj["eval"]["sliding_total_s"] > 0
+        assert pj["train"]["grad_buckets"] == 1  # the debug model's gradients fit one 25 MiB DDP bucket
+    gptq = rep["gptq"]
+    assert gptq["method"] == "gptq" and gptq["shape"] == [64, 192] and gptq["hessian"] == [192, 192]
+    assert 0 < gptq["rel_err"] < 0.2 and gptq["seconds"] > 0
+    assert rep["checks"]["attention"] == {"ok": True, "detail": "sdpa"}
+    assert all(c["ok"] for c in rep["checks"].values())
     printed = capsys.readouterr().out
-    assert "ms/micro" in printed and '"kind": "pgolf gpu-check"' in printed
+    assert "ms/micro" in printed and '"kind": "pgolf gpu-check"' in printed and "check attention: ok" in printed
+
+
+def test_gpu_check_fails_a_compile_count_that_is_off(gpu_check):
+    rep = {"environment": {"attention_backend": "fa3"}, "presets": {"seed": {"train": {
+        "graphs": {"train_step": 2, "newton_schulz": 6}, "graphs_expected": {"train_step": 1, "newton_schulz": 6},
+        "recompiles_in_timed_steps": 1}}}}
+    result = gpu_check.checks(rep)
+    assert result["seed train compile"]["ok"] is False and "1 recompiles" in result["seed train compile"]["detail"]
+    assert result["attention"] == {"ok": True, "detail": "fa3"}
 
 
 def test_gpu_check_watchdog_fires_after_the_grace(gpu_check):

@@ -194,24 +194,32 @@ def sliding_window_count(n_targets: int, seq_len: int, stride: int) -> int:
     return regular + (1 if (regular - 1) * stride + seq_len < n_targets else 0)
 
 
+DDP_BUCKET_BYTES = 25 * 2**20  # the trainer's DDP bucket cap (pgolf.train.loop.data_parallel)
+
+
 def project_train(*, micro_ms: float, opt_ms: float, ns_ms: float, grad_bytes: float, muon_bytes: float,
                   train_batch_tokens: int, micro_batch_seqs: int, seq_len: int, gptq_reserve_s: float,
-                  flops_per_token: float, peak_flops: float | None, cluster: Cluster = Cluster()) -> dict[str, Any]:
+                  flops_per_token: float, peak_flops: float | None, cluster: Cluster = Cluster(),
+                  grad_buckets: int | None = None) -> dict[str, Any]:
     """One 8-GPU optimizer step from one-GPU parts.
 
-    step = accum·micro + (opt - NS) + NS/gpus + all-reduce(grads) + all-reduce(Muon updates): the
-    trainer all-reduces the gradients after the last backward (no overlap), Muon's Newton-Schulz work is
-    split over the ranks and its bf16 updates all-reduced; the elementwise optimizer work is not split.
+    step = accum·micro + (opt - NS) + NS/gpus + exposed all-reduce(grads) + all-reduce(Muon updates):
+    DDP all-reduces gradient buckets while the backward runs, so only the last bucket's all-reduce is
+    left after it (`grad_buckets` = ceil(grad_bytes / DDP_BUCKET_BYTES) by default; 1 = the flat
+    all-reduce after backward of the previous trainer). Muon's Newton-Schulz work is split over the
+    ranks and its bf16 updates all-reduced; the elementwise optimizer work is not split.
     """
     per_micro = cluster.gpus * micro_batch_seqs * seq_len
     accum = max(1, math.ceil(train_batch_tokens / per_micro))
-    comm = allreduce_ms(grad_bytes, cluster) + allreduce_ms(muon_bytes, cluster)
+    buckets = grad_buckets or max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES))
+    comm = allreduce_ms(grad_bytes / buckets, cluster) + allreduce_ms(muon_bytes, cluster)
     step_ms = accum * micro_ms + max(opt_ms - ns_ms, 0.0) + ns_ms / cluster.gpus + comm
     cap_ms = 1000.0 * (cluster.train_cap_s - gptq_reserve_s)
     tok_s = train_batch_tokens / (step_ms / 1000.0)
     mfu = tok_s * flops_per_token / (cluster.gpus * peak_flops) if peak_flops else None
     return {
         "gpus": cluster.gpus, "grad_accum_steps": accum, "step_ms": step_ms, "allreduce_ms": comm,
+        "grad_buckets": buckets,
         "steps_in_cap": int(cap_ms // step_ms), "train_cap_s": cluster.train_cap_s - gptq_reserve_s,
         "tokens_per_s": tok_s, "tokens_in_cap": int(cap_ms // step_ms) * train_batch_tokens, "mfu": mfu,
     }

@@ -159,13 +159,7 @@ class _Run:
         qat = (lambda: {"qat": model.qat_enabled}) if self.qat_planned else None
         self.loss_fn = maybe_compiled("train_step", model.loss, setting, self.device, planned=graphs, state=qat)
         self.val_fn = maybe_compiled("val_nll", model.per_token_nll, setting, self.device, planned=graphs, state=qat)
-        self.ddp = None
-        if dist.is_distributed():
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.ddp = DistributedDataParallel(
-                _StepModule(model, self.loss_fn), device_ids=[self.device] if self.is_cuda else None,
-                broadcast_buffers=False, gradient_as_bucket_view=True)
+        self.ddp = data_parallel(model, self.loss_fn, self.device) if dist.is_distributed() else None
 
     def log_header(self, resume: bool) -> None:
         """The resolved config first (one `key:value` line per field), then the run's layout."""
@@ -531,6 +525,17 @@ class _Run:
             grad_accum_steps=self.accum,
             compiles=compile_counts(self.compile_mark),
         )
+
+
+def data_parallel(model: torch.nn.Module, loss_fn: Any, device: torch.device,
+                  bucket_cap_mb: float = 25.0) -> torch.nn.Module:
+    """DDP around `loss_fn(x, y)` over `model`'s parameters: gradients are averaged over ranks in
+    buckets of `bucket_cap_mb`, each all-reduced as soon as its gradients are ready in backward.
+    Broadcasts rank 0's weights at construction; `no_sync()` skips the reduction (accumulation)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(_StepModule(model, loss_fn), device_ids=[device] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True, bucket_cap_mb=bucket_cap_mb)  # no buffers to sync
 
 
 class _StepModule(torch.nn.Module):
