@@ -295,8 +295,8 @@ def unframe(blob: bytes, where: str = "artifact") -> tuple[bytes, str]:
 PROBE_MIN_BYTES = 8 << 20
 PROBE_SLICES, PROBE_SLICE_BYTES = 8, 256 << 10
 PROBE_MARGIN = 0.02
-# rough single-core cost of each compressor on int6 bodies (measured on the 2-core bench CPU), for ordering
-SECONDS_PER_MB = {"brotli": 3.5, "lzma": 1.9, "zstd": 1.0, "zlib": 0.1}
+# relative single-core cost of each compressor on int6 values (s/MB on the busy 2-core bench CPU), for ordering
+SECONDS_PER_MB = {"brotli": 4.8, "lzma": 2.8, "zstd": 1.9, "zlib": 0.13}
 
 
 def _probe_sample(body: bytes) -> bytes:
@@ -362,7 +362,7 @@ def choose(entries: list[Entry], compressor: str = "auto", layout: str = "auto",
            meta: dict | None = None, workers: int | None = None) -> tuple[bytes, dict]:
     """The smallest framed artifact over the allowed compressors and q layouts, and every size tried.
 
-    `workers`: compression processes (default: one per CPU, serial for bodies under 1 MiB). The info
+    `workers`: compression processes (default: one per CPU, serial for bodies under 256 KiB). The info
     dict has the full sizes (`candidates`), the probe's verdict on the others (`skipped`: estimated
     size / best estimate) and the compression wall time (`compress_seconds`)."""
     import time
@@ -378,7 +378,7 @@ def choose(entries: list[Entry], compressor: str = "auto", layout: str = "auto",
     jobs = [(lay, n) for lay in layouts for n in names]
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = cores if max(len(b) for b in bodies.values()) >= 1 << 20 else 1
+        workers = cores if max(len(b) for b in bodies.values()) >= 256 << 10 else 1
     skipped: dict[str, float] = {}
     if len(jobs) > 1 and max(len(b) for b in bodies.values()) >= PROBE_MIN_BYTES:
         samples = {lay: _probe_sample(body) for lay, body in bodies.items()}
