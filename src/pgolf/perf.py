@@ -392,10 +392,10 @@ def compression_at_full_size(cfg: Config, run_dir: Path, quick: bool) -> dict[st
     """compression_cost of a seed-plus-size body (tiny size with `quick`) drawn from run_dir's trained artifact."""
     from pgolf.bench import at_shape, describe_shape
     from pgolf.config import resolve
-    from pgolf.quantize.artifact import read_entries
+    from pgolf.quantize.artifact import read_artifact
 
     source = trained_artifact(cfg, run_dir)
     target = at_shape("seed-plus", "tiny") if quick else resolve("seed-plus", env={})
-    out = compression_cost(full_size_entries(read_entries(source)[0], target))
+    out = compression_cost(full_size_entries(read_artifact(source).entries, target))
     out.update(source=str(source), target=describe_shape(target))
     return out
