@@ -343,19 +343,16 @@ class StepRunner:
         return sum(self.micro_step() for _ in range(self.accum)) + self.opt_step()
 
     def newton_schulz_s(self) -> float:
-        """Seconds of Muon's Newton-Schulz iterations alone over every matrix (the part ranks split)."""
-        import torch
+        """Seconds of Muon's Newton-Schulz iterations alone over every matrix (the part ranks split), through
+        the optimizer's own (compiled when TORCH_COMPILE is on) orthogonalization."""
+        from pgolf.optim import Muon
 
-        from pgolf.optim import Muon, newton_schulz, ns_coefficients
-
-        coeffs = ns_coefficients(self.cfg.train.muon_ns_coeffs, self.cfg.train.muon_backend_steps)
-        mats = [p for opt in self.opts.optimizers if isinstance(opt, Muon) for g in opt.param_groups
-                for p in g["params"]]
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        muon = next(opt for opt in self.opts.optimizers if isinstance(opt, Muon))
+        mats = [p for g in muon.param_groups for p in g["params"]]
         sync(self.device)
         t0 = time.perf_counter()
         for p in mats:
-            newton_schulz(p.detach().float(), coeffs, dtype)
+            muon.orthogonalize(p.detach().float(), muon._dtype_for(p))
         sync(self.device)
         return time.perf_counter() - t0
 
