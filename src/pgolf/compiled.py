@@ -59,7 +59,8 @@ def _fresh_entry(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     def entry(*args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
-    code = entry.__code__.replace(co_name=name, co_qualname=name)
+    names = {"co_name": name, **({"co_qualname": name} if hasattr(entry.__code__, "co_qualname") else {})}
+    code = entry.__code__.replace(**names)  # python < 3.11 has no co_qualname
     return types.FunctionType(code, entry.__globals__, name, entry.__defaults__, entry.__closure__)
 
 
