@@ -146,6 +146,14 @@ class EvalConfig:
     ttt_grad_clip: float = 1.0
     ttt_temperature: float = 1.0  # fixed divisor of the logits; never fitted on validation data
     eval_max_seconds: float = 600.0  # the eval clock includes loading and warm-up
+    # token-only causal n-gram tilt (PR #1514; #2135's values): the hinted next token's logit gets
+    # +TOKEN_BOOST where its share among the earlier continuations of the same context reaches TOKEN_THRESHOLD
+    ngram_tilt_enabled: bool = False
+    token_order: int = 16  # context = the last TOKEN_ORDER - 1 tokens
+    token_threshold: float = 0.8
+    token_boost: float = 2.625
+    # AsymLogit (PR #1923): learnable positive / negative logit caps on the eval path, from LOGIT_SOFTCAP
+    asym_logit_rescale: bool = False
 
 
 @dataclass(frozen=True)
@@ -247,6 +255,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "ttt_chunk_tokens": (1, 1 << 34), "ttt_lr": (0, 100), "ttt_epochs": (0, 10_000),
     "ttt_unfreeze_blocks": (0, 256), "ttt_batch_seqs": (1, 1 << 16), "ttt_grad_clip": (0, 1e9),
     "ttt_temperature": (1e-3, 1e3), "eval_max_seconds": (0, 365 * DAY_S),
+    "token_order": (2, 1024), "token_threshold": (0, 1), "token_boost": (0, 100),
     "sync_every_seconds": (0, DAY_S), "sync_deadline_seconds": (0.1, DAY_S),
 }
 
@@ -313,6 +322,9 @@ def validate(cfg: Config) -> None:
         _fail(f"TTT_CHUNK_TOKENS={e.ttt_chunk_tokens} is smaller than one window ({cfg.eval_seq_len})")
     if e.ttt_temperature <= 0:
         _fail(f"TTT_TEMPERATURE={e.ttt_temperature} must be > 0")
+    if e.asym_logit_rescale and m.logit_softcap <= 0:
+        _fail(f"ASYM_LOGIT_RESCALE=1 starts from the model's cap, but LOGIT_SOFTCAP={m.logit_softcap}; "
+              "set LOGIT_SOFTCAP > 0 or turn AsymLogit off")
     if cfg.preset not in PRESETS:
         _fail(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
 

@@ -28,7 +28,8 @@ Clock = Callable[[], float]
 
 
 class EvalClock:
-    """Wall time since construction, with named parts (load, build, warmup, score, ttt)."""
+    """Wall time since construction, with named parts (load, build, warmup, score, ttt; ngram when the
+    n-gram tilt's precompute runs: it is eval work and on the clock, as in #2018/#2130/#2135)."""
 
     PARTS = ("load", "build", "warmup", "score", "ttt")
 
@@ -46,7 +47,7 @@ class EvalClock:
         try:
             yield
         finally:
-            self.parts[name] += self.clock() - t
+            self.parts[name] = self.parts.get(name, 0.0) + self.clock() - t
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """`evaluate()`: load the shipped weights from disk, score every validation target once, write the record.
 
     clock starts ─► load (artifact/checkpoint, val tokens, byte counts) ─► build (+ compile)
-      ─► warm-up on random tokens (compiled models only) ─► for each chunk: score, commit, [adapt]
+      ─► warm-up on random tokens (compiled models only) ─► [n-gram hints for every target]
+      ─► for each chunk: score, commit, [adapt]
       ─► all-reduce float64 sums (and the audit array) ─► eval_summary.json (+ .npz), rank 0
 
 Compiled graphs (TORCH_COMPILE; pgolf.compiled): `score` (one, under the mode's grad context:
@@ -13,13 +14,19 @@ window plan is copied to the device once; the loop then builds every batch on th
 Modes: `rows` (non-overlapping seq_len rows), `sliding` (stride EVAL_STRIDE), `ttt` (sliding windows in
 TTT_CHUNK_TOKENS chunks, score-first adaptation between chunks; see ttt.py). Every rank calls
 `evaluate`; each chunk's windows are split contiguously over the ranks, which move in lockstep.
+
+Extras, each off unless its knob is set: the n-gram tilt (NGRAM_TILT_ENABLED, ngram.py: hints built on
+the eval clock, checked by the Tally before each range is scored), AsymLogit (ASYM_LOGIT_RESCALE,
+head.py: the model is built uncapped and wrapped; TTT also trains the two caps), and eval context above
+the training context (EVAL_SEQ_LEN > TRAIN_SEQ_LEN: windows, rows and TTT sequences all take EVAL_SEQ_LEN;
+RoPE is NTK-rescaled past ROPE_NTK_REF_LEN, as the model config says).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -32,6 +39,8 @@ from pgolf.config import Config
 from pgolf.fileio import atomic_write, atomic_write_json
 from pgolf.errors import ArtifactError, ConfigError
 from pgolf.evaluate.budget import BudgetGuard, Clock, EvalClock
+from pgolf.evaluate.head import AsymLogitHead
+from pgolf.evaluate.ngram import NgramHints, build_hints, check_same_on_all_ranks
 from pgolf.evaluate.score import Tally, score_windows, window_table
 from pgolf.evaluate.ttt import Adapter, cosine_lr, select_trainable
 from pgolf.evaluate.windows import Chunk, Window, check_tiling, plan_chunks, plan_rows, plan_windows, shard
@@ -65,6 +74,10 @@ class EvalResult:
     source: str = ""  # the weights file that was scored
     eval_max_seconds: float = 0.0
     compiles: dict[str, int] = field(default_factory=dict)  # graphs compiled by this evaluation, per purpose
+    ngram_hinted: int = 0  # targets whose distribution the n-gram tilt changed (0 = tilt off)
+    ngram_checks: int = 0  # scored ranges whose hints the Tally verified as causal
+    softcap_pos: float = 0.0  # AsymLogit caps after the evaluation (0 = AsymLogit off)
+    softcap_neg: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +145,7 @@ def _warm_up(score_fn: Any, cfg: Config, device: torch.device, adapter: Adapter 
 def _score_chunks(*, model_fn: Any, tokens: torch.Tensor, windows: list[Window], chunks: list[Chunk],
                   tally: Tally, guard: BudgetGuard, clock: EvalClock, adapter: Adapter | None,
                   cfg: Config, rank: int, world_size: int, pad_rows: bool,
-                  grad_ctx: Callable[[], Any]) -> tuple[int, int]:
+                  grad_ctx: Callable[[], Any], hints: NgramHints | None = None) -> tuple[int, int]:
     """Score chunk by chunk; between chunks adapt (TTT) while the budget allows. (steps, chunks adapted)"""
     e, seq_len = cfg.eval, cfg.eval_seq_len
     table = window_table(windows, tokens.device)  # the plan's one host-to-device copy
@@ -146,8 +159,10 @@ def _score_chunks(*, model_fn: Any, tokens: torch.Tensor, windows: list[Window],
         lo, hi = chunk.first_window + a, chunk.first_window + b
         mine = windows[lo:hi]
         with clock.part("score"), grad_ctx():
+            if hints is not None and mine:
+                tally.require_causal_hints(mine[0].score_from, mine[-1].score_to, hints)
             nll = score_windows(model_fn, tokens, mine, seq_len, e.eval_batch_seqs, e.ttt_temperature, pad_rows,
-                                table[lo:hi])
+                                table[lo:hi], hints)
             if mine:
                 tally.add(mine[0].score_from, nll)
         n_win = chunk.last_window - chunk.first_window
@@ -182,6 +197,17 @@ def _score_chunks(*, model_fn: Any, tokens: torch.Tensor, windows: list[Window],
             log.info("eval chunk:%d/%d rank0_loss:%.4f ttt_steps:%d elapsed:%.1fs", chunk.index + 1, n_chunks,
                      local, steps, clock.elapsed())
     return steps, adapted
+
+
+def _rope_note(cfg: Config) -> str:
+    """How RoPE treats positions past the training context (#1953 scored 2560 after training at 2048)."""
+    m, seq = cfg.model, cfg.eval_seq_len
+    if m.rope_ntk_ref_len and seq > m.rope_ntk_ref_len:
+        dims = m.rope_dims or m.head_dim
+        factor = (seq / m.rope_ntk_ref_len) ** (dims / (dims - 2)) if dims > 2 else 1.0
+        return f"RoPE base NTK-rescaled to {m.rope_base * factor:g} (ROPE_NTK_REF_LEN={m.rope_ntk_ref_len})"
+    return (f"RoPE not rescaled (ROPE_NTK_REF_LEN={m.rope_ntk_ref_len}): positions past {cfg.train.train_seq_len} "
+            "were never trained")
 
 
 def _comm_device(device: torch.device) -> torch.device:
@@ -232,17 +258,21 @@ def evaluate(cfg: Config, run_dir: Path, artifact_path: Path | None = None, mode
         tokens_np = load_val_tokens(cfg.data.data_path, cfg.model.vocab_size)
         target_bytes = val_target_bytes(cfg.data.data_path, tokens_np, cfg.data.tokenizer_path)
     with eval_clock.part("build"):
-        model = build_model(cfg.model, device)
+        # AsymLogit: the model returns raw logits and the head caps them (the cap is config, not a weight)
+        model = build_model(replace(cfg.model, logit_softcap=0.0) if e.asym_logit_rescale else cfg.model, device)
         _load_weights(model, state, source)
         del state
         model.eval().requires_grad_(False)
+        net = AsymLogitHead(model, cfg.model.logit_softcap) if e.asym_logit_rescale else model
         trainable = select_trainable(model, e.ttt_unfreeze_blocks) if mode == "ttt" else []
-        model_fn = maybe_compiled("score", model, cfg.model.torch_compile, device)
+        if mode == "ttt" and isinstance(net, AsymLogitHead):
+            trainable += [(name, p.requires_grad_(True)) for name, p in net.named_parameters(recurse=False)]
+        model_fn = maybe_compiled("score", net, cfg.model.torch_compile, device)
         compiled = is_compiled(model_fn)
         tokens = torch.from_numpy(tokens_np).to(device)
         adapter = None
         if mode == "ttt" and trainable:
-            ttt_fn = maybe_compiled("ttt_step", model, cfg.model.torch_compile, device)
+            ttt_fn = maybe_compiled("ttt_step", net, cfg.model.torch_compile, device)
             adapter = Adapter(ttt_fn, [p for _, p in trainable], seq_len=seq_len, batch_seqs=e.ttt_batch_seqs,
                               grad_clip=e.ttt_grad_clip, temperature=e.ttt_temperature, rank=rank,
                               world_size=world_size, pad_rows=compiled)
@@ -251,6 +281,18 @@ def evaluate(cfg: Config, run_dir: Path, artifact_path: Path | None = None, mode
     with eval_clock.part("warmup"):
         if compiled:
             _warm_up(model_fn, cfg, device, adapter, grad_ctx)
+
+    hints = None
+    if e.ngram_tilt_enabled:  # on the eval clock: the hints are part of the evaluation (#2018/#2130/#2135)
+        with eval_clock.part("ngram"):
+            hints = build_hints(tokens, e.token_order, e.token_threshold, e.token_boost)
+            check_same_on_all_ranks(hints, _comm_device(device))
+        if rank == 0:
+            log.info("ngram_tilt:hints targets:%d hinted:%d order:%d threshold:%g boost:%g seconds:%.2f",
+                     len(tokens_np) - 1, hints.fired, e.token_order, e.token_threshold, e.token_boost,
+                     eval_clock.parts["ngram"])
+    if rank == 0 and seq_len > cfg.train.train_seq_len:
+        log.info("eval context %d > training context %d: %s", seq_len, cfg.train.train_seq_len, _rope_note(cfg))
 
     windows = _windows_for(mode, len(tokens_np), seq_len, e.eval_stride)
     n_targets = len(tokens_np) - 1
@@ -264,7 +306,7 @@ def evaluate(cfg: Config, run_dir: Path, artifact_path: Path | None = None, mode
                  e.eval_stride, world_size, sum(p.numel() for _, p in trainable), source)
     steps, adapted = _score_chunks(model_fn=model_fn, tokens=tokens, windows=windows, chunks=chunks, tally=tally,
                                    guard=guard, clock=eval_clock, adapter=adapter, cfg=cfg, rank=rank,
-                                   world_size=world_size, pad_rows=compiled, grad_ctx=grad_ctx)
+                                   world_size=world_size, pad_rows=compiled, grad_ctx=grad_ctx, hints=hints)
 
     comm = _comm_device(device)
     sums = dist.all_reduce_(torch.tensor([tally.nll_sum, tally.count, tally.byte_sum], dtype=torch.float64,
@@ -281,8 +323,11 @@ def evaluate(cfg: Config, run_dir: Path, artifact_path: Path | None = None, mode
         expected_targets=n_targets, ttt_chunks=len(chunks) if mode == "ttt" else 0, ttt_chunks_adapted=adapted,
         score_first_checks=tally.checks, seq_len=seq_len, stride=0 if mode == "rows" else e.eval_stride,
         world_size=world_size, source=str(source), eval_max_seconds=e.eval_max_seconds,
-        compiles=compile_counts(compile_mark),
+        compiles=compile_counts(compile_mark), ngram_hinted=hints.fired if hints is not None else 0,
+        ngram_checks=tally.hint_checks,
     )
+    if isinstance(net, AsymLogitHead):
+        result.softcap_pos, result.softcap_neg = float(net.softcap_pos), float(net.softcap_neg)
     if rank == 0 and per_token_out is not None:
         write_per_token(Path(per_token_out), per_token, target_bytes)
     result.eval_time_s = eval_clock.elapsed()

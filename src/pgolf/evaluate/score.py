@@ -3,7 +3,9 @@
 `Tally` is the single place where a target becomes "scored". It keeps the float64 sums (NLL, count,
 bytes), the optional per-token audit array, and `scored_upto`: the end of the committed prefix of the
 stream, which only grows, one chunk at a time. TTT asks the tally before every optimizer step
-(`require_scored`), so a step on a target that has not been committed cannot happen silently.
+(`require_scored`), so a step on a target that has not been committed cannot happen silently. With the
+n-gram tilt on, the scoring loop asks it before scoring a range (`require_causal_hints`): every hint must
+come from counts of earlier targets' labels only, never the target's own label or a later one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pgolf.evaluate.ngram import NgramHints, tilt_logits
 from pgolf.evaluate.windows import Window
 
 IGNORE = -100  # label of padded positions (F.cross_entropy's default ignore_index)
@@ -68,11 +71,15 @@ def make_batch(tokens: torch.Tensor, spans: Sequence[tuple[int, int]] | torch.Te
     return x, y
 
 
-def token_nll(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(B, T) fp32 NLL in nats of labels y under softmax(logits / temperature); 0 at IGNORE labels."""
+def token_nll(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, temperature: float,
+              tilt: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, T) fp32 NLL in nats of labels y under softmax(logits / temperature); 0 at IGNORE labels.
+    `tilt` = (token, boost), each (B, T): the n-gram tilt, boost added to that token's logit (scoring only)."""
     logits = model_fn(x).float()
     if temperature != 1.0:
         logits = logits / temperature
+    if tilt is not None:
+        logits = tilt_logits(logits, *tilt, inplace=not logits.requires_grad)  # no second (B, T, V) copy
     nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none", ignore_index=IGNORE)
     return nll.view_as(y)
 
@@ -84,12 +91,13 @@ def window_table(windows: Sequence[Window], device: torch.device) -> torch.Tenso
 
 def score_windows(model_fn: ModelFn, tokens: torch.Tensor, windows: Sequence[Window], seq_len: int,
                   batch_seqs: int, temperature: float, pad_rows: bool,
-                  table: torch.Tensor | None = None) -> torch.Tensor:
+                  table: torch.Tensor | None = None, hints: NgramHints | None = None) -> torch.Tensor:
     """fp32 NLL of the targets scored by `windows`, concatenated in stream order (caller sets no-grad).
 
     `table` is `window_table(windows)` already on the device; per batch nothing is copied from the host
     and nothing waits for the device: each row's scored suffix is scattered to its target's slot (the
-    other positions go to a trash slot), with slot counts known on the host from `windows`."""
+    other positions go to a trash slot), with slot counts known on the host from `windows`. With `hints`,
+    every position's distribution is tilted by the hint of the target it predicts (ngram.py)."""
     device = tokens.device
     if not windows:
         return torch.zeros(0, dtype=torch.float32, device=device)
@@ -102,9 +110,12 @@ def score_windows(model_fn: ModelFn, tokens: torch.Tensor, windows: Sequence[Win
         base, n = windows[i].score_from, windows[min(i + batch_seqs, len(windows)) - 1].score_to
         n -= base
         x, y = make_batch(tokens, rows[:, [0, 2]], seq_len, batch_seqs if pad_rows else None)
-        with autocast_for(device):
-            nll = token_nll(model_fn, x, y, temperature)
         target = rows[:, :1] + col[None, :]  # (b, T): the target each position predicts
+        tilt = None
+        if hints is not None:  # padded rows predict nothing (labels IGNORE): any hint will do there
+            tilt = hints.at(F.pad(target, (0, 0, 0, x.size(0) - target.size(0))))
+        with autocast_for(device):
+            nll = token_nll(model_fn, x, y, temperature, tilt)
         scored = (target >= rows[:, 1:2]) & (target < rows[:, 2:3])
         slot = torch.where(scored, target - base, n)
         flat = torch.zeros(n + 1, dtype=nll.dtype, device=device)
@@ -125,6 +136,7 @@ class Tally:
         self.per_token = np.zeros(self.n_targets, dtype=np.float32) if keep_per_token else None
         self.scored_upto = 0  # targets [0, scored_upto) are committed on every rank
         self.checks = 0  # optimizer steps whose training targets were verified as committed
+        self.hint_checks = 0  # scored ranges whose n-gram hints were verified as causal
 
     def add(self, lo: int, nll: torch.Tensor) -> None:
         """Add this rank's scores for the targets [lo, lo + len(nll))."""
@@ -151,3 +163,20 @@ class Tally:
                     f"TTT would train on targets [{a}, {b}) but only [0, {self.scored_upto}) are scored"
                 )
         self.checks += 1
+
+    def require_causal_hints(self, lo: int, hi: int, hints: NgramHints) -> None:
+        """Raise unless the n-gram hint of every target k in [lo, hi) counts only labels of targets < k.
+
+        Earlier targets of the range being scored may count (they precede k in the one left-to-right
+        pass, as the model's own context does); target k's own label or any later one may not."""
+        if hi <= lo:
+            return
+        newest = hints.evidence[lo:hi]
+        bad = newest >= torch.arange(lo, hi, device=newest.device)
+        if bool(bad.any()):
+            k = lo + int(bad.nonzero()[0, 0])
+            raise ScoreFirstViolation(
+                f"the n-gram hint for target {k} counts the label of target {int(hints.evidence[k])}: "
+                "a hint may only count labels of earlier targets"
+            )
+        self.hint_checks += 1
