@@ -327,7 +327,7 @@ def evaluate(cfg: Config, run_dir: Path, artifact_path: Path | None = None, mode
         ngram_checks=tally.hint_checks,
     )
     if isinstance(net, AsymLogitHead):
-        result.softcap_pos, result.softcap_neg = float(net.softcap_pos), float(net.softcap_neg)
+        result.softcap_pos, result.softcap_neg = net.softcap_pos.item(), net.softcap_neg.item()
     if rank == 0 and per_token_out is not None:
         write_per_token(Path(per_token_out), per_token, target_bytes)
     result.eval_time_s = eval_clock.elapsed()
