@@ -19,6 +19,11 @@ Every figure is measured in this run, on the offline corpus (data/offline, built
   7. compression at full size (pgolf.perf): a seed-size int6 body drawn from the seed-plus artifact's own
      value distributions; the previous selection (threads) vs processes + probe, seconds and bytes
 
+  8. evaluator extras (`--pieces evalx`, off by default): on one seed-plus artifact, sliding and TTT with
+     the token-only n-gram tilt, AsymLogit and both, side by side with neither; sliding at an eval context
+     1.25x the training context (2560/2048) with and without NTK RoPE; the tilt's precompute (tokens/s,
+     peak memory) on real text at growing sizes, projected to the 47,851,520-token validation stream
+
 `--pieces quality,step,compress` picks pieces (quality = 1-5); `--pieces step,compress` runs in minutes.
 """
 
@@ -27,9 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -281,6 +288,109 @@ def demo_phases(runs_dir: Path, seed_plus: dict[str, Any] | None, steps: int, sh
 
 
 # ---------------------------------------------------------------------------------------------
+# 8. evaluator extras
+
+
+FULL_VAL_TARGETS = 47_851_520  # the canonical CaseOps SP8192 validation stream (technique-spec §10)
+EXTRAS = (  # (mode, label, overrides): the #2135 values, each extra alone and together
+    ("sliding", "neither", {}),
+    ("sliding", "n-gram tilt", {"ngram_tilt_enabled": True}),
+    ("ttt", "neither", {}),
+    ("ttt", "n-gram tilt", {"ngram_tilt_enabled": True}),
+    ("ttt", "AsymLogit", {"asym_logit_rescale": True}),
+    ("ttt", "tilt + AsymLogit", {"ngram_tilt_enabled": True, "asym_logit_rescale": True}),
+)
+NGRAM_PROBE = """
+import json, resource, sys, time
+import numpy as np, torch
+from pgolf.data.shards import read_shard, shard_paths
+from pgolf.evaluate.ngram import build_hints
+data, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+tokens = torch.zeros(n + 1, dtype=torch.int64)
+filled = 0
+for path in shard_paths(data, "train"):  # only the tokens needed, so the peak below is the builder's
+    part = np.asarray(read_shard(path))[: n + 1 - filled]
+    tokens[filled:filled + part.size] = torch.from_numpy(part.astype(np.int64))
+    filled += part.size
+tokens = tokens[:filled]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+times, hints = [], None
+for _ in range(2):  # the first call in a process also pays torch's one-time kernel start-up
+    hints = None
+    t0 = time.perf_counter()
+    hints = build_hints(tokens, 16, 0.8, 2.625)
+    times.append(time.perf_counter() - t0)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"targets": tokens.numel() - 1, "seconds_first": times[0], "seconds": times[1],
+                  "hinted": hints.fired, "rss_before_mb": before / 1024, "rss_peak_mb": peak / 1024}))
+"""
+
+
+def ensure_artifact(cfg, run_dir: Path) -> None:
+    """run_dir/artifact.pgz (and its fp32 checkpoint) of `cfg`: the quality piece's, or trained here."""
+    if (run_dir / "artifact.pgz").is_file() and (run_dir / "checkpoint" / "model.pt").is_file():
+        return
+    from pgolf.quantize import calibrate, quantize
+    from pgolf.train import train
+
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    train(cfg, run_dir)
+    if cfg.quant.quant_method == "gptq":
+        calibrate(cfg, run_dir)
+    quantize(cfg, run_dir)
+
+
+def ngram_throughput(data: Path, sizes: list[int], threads: int) -> dict[str, Any]:
+    """build_hints on the first n tokens of the offline train shards (real text), one child process per
+    size (its peak RSS is the builder's), projected linearly and as n·log n to the full validation stream."""
+    rows = []
+    for n in sizes:
+        proc = subprocess.run([sys.executable, "-c", NGRAM_PROBE, str(data), str(n), str(threads)],
+                              capture_output=True, text=True, timeout=3600, env={**os.environ,
+                              "PYTHONPATH": str(REPO / "src")})
+        if proc.returncode != 0:
+            raise RuntimeError(f"n-gram probe failed: {proc.stderr[-2000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r["targets_per_s"] = r["targets"] / r["seconds"]
+        rows.append(r)
+    big = rows[-1]
+    scale = FULL_VAL_TARGETS / big["targets"]
+    return {"rows": rows, "threads": threads, "projected_s_linear": big["seconds"] * scale,
+            "projected_s_nlogn": big["seconds"] * scale * math.log(FULL_VAL_TARGETS) / math.log(big["targets"]),
+            "projected_peak_mb": big["rss_before_mb"] + (big["rss_peak_mb"] - big["rss_before_mb"]) * scale}
+
+
+def eval_extras(cfg, run_dir: Path, data: Path, threads: int, quick: bool) -> dict[str, Any]:
+    """Piece 8: the evaluator's extras on one artifact, the eval context, and the precompute's speed."""
+    from pgolf.evaluate import evaluate
+
+    ensure_artifact(cfg, run_dir)
+    rows = []
+    for mode, label, over in EXTRAS:
+        name = f"eval_x_{mode}_{label.replace(' ', '').replace('+', '_')}.json"
+        r = evaluate(cfg.with_overrides(**over), run_dir, mode=mode, summary_name=name)
+        rows.append({"mode": mode, "extras": label, "val_bpb": r.val_bpb, "hinted": r.ngram_hinted,
+                     "ngram_s": r.parts.get("ngram", 0.0), "eval_time_s": r.eval_time_s, "ttt_steps": r.ttt_steps,
+                     "softcaps": [r.softcap_pos, r.softcap_neg] if r.softcap_pos else None})
+    train_seq = cfg.train.train_seq_len
+    long_seq = train_seq * 5 // 4  # 2560 / 2048
+    context = []
+    for seq, ref in ((train_seq, 0), (long_seq, 0), (long_seq, train_seq)):
+        c = cfg.with_overrides(eval_seq_len=seq, rope_ntk_ref_len=ref)
+        r = evaluate(c, run_dir, mode="sliding", checkpoint=run_dir / "checkpoint" / "model.pt",
+                     summary_name=f"eval_x_ctx{seq}_ntk{ref}.json")
+        context.append({"eval_seq_len": seq, "rope_ntk_ref_len": ref, "val_bpb": r.val_bpb,
+                        "eval_time_s": r.eval_time_s})
+    sizes = [1 << 18, 1 << 20] if quick else [1 << 20, 1 << 21, 1 << 22, 6_000_000]
+    return {"artifact": str(run_dir / "artifact.pgz"), "rows": rows, "context": context,
+            "train_seq_len": train_seq, "token_order": cfg.eval.token_order,
+            "token_threshold": cfg.eval.token_threshold, "token_boost": cfg.eval.token_boost,
+            "precompute": ngram_throughput(data, sizes, threads)}
+
+
+# ---------------------------------------------------------------------------------------------
 # verdict, markdown, plot
 
 
@@ -418,6 +528,30 @@ def markdown(rep: dict[str, Any]) -> str:
               f"Chosen: {cm['now']['choice']}; skipped by the probe: "
               f"{', '.join(f'{k} ({v:.3f}x)' for k, v in cm['now']['skipped'].items()) or 'none'}.", ""]
 
+    ex = rep.get("eval_extras")
+    if ex:
+        L += [f"## 8. Evaluator extras (seed-plus artifact; tilt: order {ex['token_order']}, threshold "
+              f"{ex['token_threshold']}, boost {ex['token_boost']})", ""]
+        base = {r["mode"]: r["val_bpb"] for r in ex["rows"] if r["extras"] == "neither"}
+        rows = [(r["mode"], r["extras"], r["val_bpb"], r["val_bpb"] - base[r["mode"]], r["hinted"], r["ngram_s"],
+                 " / ".join(f"{v:.4f}" for v in r["softcaps"]) if r["softcaps"] else "-") for r in ex["rows"]]
+        L += [B.format_table(("mode", "extras", "val_bpb", "vs neither", "hinted targets", "precompute s (eval clock)",
+                              "caps s+ / s- after TTT"), rows, markdown=True), ""]
+        rows = [(c["eval_seq_len"], c["rope_ntk_ref_len"] or "off", c["val_bpb"], c["eval_time_s"])
+                for c in ex["context"]]
+        L += [f"Eval context (fp32 checkpoint, sliding; trained at {ex['train_seq_len']}):", "",
+              B.format_table(("eval seq len", "NTK RoPE ref", "val_bpb", "eval clock s"), rows, markdown=True), ""]
+        pc = ex["precompute"]
+        rows = [(r["targets"], r["seconds_first"], r["seconds"], r["targets_per_s"], r["hinted"],
+                 r["rss_peak_mb"] - r["rss_before_mb"]) for r in pc["rows"]]
+        L += [f"n-gram precompute on the offline train text (order 16), {pc['threads']} threads, one process per "
+              "size (first call: with torch's one-time start-up; the rate is the second call's):", "",
+              B.format_table(("targets", "first call s", "seconds", "targets/s", "hinted", "peak RSS growth MB"), rows,
+                             markdown=True), "",
+              f"Projected to the {FULL_VAL_TARGETS:,}-target validation stream on this CPU: "
+              f"{pc['projected_s_linear']:.0f} s (linear) to {pc['projected_s_nlogn']:.0f} s (n log n), peak RSS "
+              f"~{pc['projected_peak_mb'] / 1024:.1f} GB. On a GPU run the builder runs on the device.", ""]
+
     L += ["## Bench time by piece", ""]
     L += [B.format_table(("piece", "seconds"), list(rep["pieces_s"].items()), markdown=True), ""]
     L += ["## Reproduce", "", "```bash", "make bench                      # this report; BENCH_STEPS=... to change the steps",
@@ -506,7 +640,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs", help="where to look for the latest demo run")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     p.add_argument("--pieces", default="quality,step,compress",
-                   help="comma-separated: quality (pieces 1-5), step (6), compress (7); default all")
+                   help="comma-separated: quality (pieces 1-5), step (6), compress (7), evalx (8, not in the "
+                        "default)")
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
                    help="only rewrite the markdown and PNG beside an existing report JSON")
     args = p.parse_args(argv)
@@ -633,6 +768,15 @@ def main(argv: list[str] | None = None) -> int:
         with timed(pieces, "compression"):
             rep["compression"] = perf.compression_at_full_size(
                 stack_config("seed-plus", args, data, args.offline_dir), work / "seed-plus", args.quick)
+
+    if "evalx" in wanted:
+        log("8/8 evaluator extras: n-gram tilt, AsymLogit, eval context; the tilt's precompute speed")
+        with timed(pieces, "eval extras"):
+            rep["eval_extras"] = eval_extras(cfgs.get("seed-plus") or stack_config(
+                "seed-plus", args, data, args.offline_dir, n_val / n_full), work / "seed-plus", args.offline_dir,
+                args.threads, args.quick)
+        for r in rep["eval_extras"]["rows"]:
+            log(f"    {r['mode']:8s} {r['extras']:17s} {r['val_bpb']:.5f} bpb, {r['hinted']} hinted")
 
     rep["pieces_s"] = pieces
     rep["wall_s"] = time.perf_counter() - t_start
