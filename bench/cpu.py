@@ -303,6 +303,18 @@ EXTRAS = (  # (mode, label, overrides): the #2135 values, each extra alone and t
 NGRAM_PROBE = """
 import json, resource, sys, time
 import numpy as np, torch
+
+
+def peak_rss_mb():  # this process's own high-water mark (ru_maxrss also counts the parent's, across exec)
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 from pgolf.data.shards import read_shard, shard_paths
 from pgolf.evaluate.ngram import build_hints
 data, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -314,16 +326,15 @@ for path in shard_paths(data, "train"):  # only the tokens needed, so the peak b
     tokens[filled:filled + part.size] = torch.from_numpy(part.astype(np.int64))
     filled += part.size
 tokens = tokens[:filled]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_mb()
 times, hints = [], None
 for _ in range(2):  # the first call in a process also pays torch's one-time kernel start-up
     hints = None
     t0 = time.perf_counter()
     hints = build_hints(tokens, 16, 0.8, 2.625)
     times.append(time.perf_counter() - t0)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"targets": tokens.numel() - 1, "seconds_first": times[0], "seconds": times[1],
-                  "hinted": hints.fired, "rss_before_mb": before / 1024, "rss_peak_mb": peak / 1024}))
+                  "hinted": hints.fired, "rss_before_mb": before, "rss_peak_mb": peak_rss_mb()}))
 """
 
 

@@ -50,9 +50,9 @@ GROUP_SHIFT = 27  # running maxima are scanned as group·2^27 + count: streams u
 class NgramHints:
     """Per target k of the validation stream (all on one device)."""
 
-    token: torch.Tensor  # (n,) int64: the hinted next token (0 where there is no hint)
+    token: torch.Tensor  # (n,) int32: the hinted next token (0 where there is no hint)
     boost: torch.Tensor  # (n,) float32: β where the hint fires, else 0 (adding 0 leaves a logit as it is)
-    evidence: torch.Tensor  # (n,) int64: newest target whose label the hint's counts include; -1 = no hint
+    evidence: torch.Tensor  # (n,) int32: newest target whose label the hint's counts include; -1 = no hint
     order: int
     threshold: float
     beta: float
@@ -64,7 +64,7 @@ class NgramHints:
     def at(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(token, boost) at target indices of any shape; indices past the end (padding) are clamped."""
         t = targets.clamp(0, self.token.numel() - 1)
-        return self.token[t], self.boost[t]
+        return self.token[t].long(), self.boost[t]
 
 
 def tilt_logits(logits: torch.Tensor, token: torch.Tensor, boost: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -112,9 +112,10 @@ def build_hints(tokens: torch.Tensor, order: int, threshold: float, beta: float)
     tok = tokens.long()
     n = tok.numel() - 1  # targets
     device = tok.device
-    token = torch.zeros(max(n, 0), dtype=torch.int64, device=device)
+    # 12 bytes per target kept through scoring (int32: ids < 2^16, targets < 2^27)
+    token = torch.zeros(max(n, 0), dtype=torch.int32, device=device)
     boost = torch.zeros(max(n, 0), dtype=torch.float32, device=device)
-    evidence = torch.full((max(n, 0),), -1, dtype=torch.int64, device=device)
+    evidence = torch.full((max(n, 0),), -1, dtype=torch.int32, device=device)
     hints = NgramHints(token, boost, evidence, order, threshold, beta)
     ctx = order - 1
     m = n - ctx + 1  # targets with a full context: k = ctx - 1 .. n - 1 (event e <-> target e + ctx - 1)
@@ -157,9 +158,9 @@ def build_hints(tokens: torch.Tensor, order: int, threshold: float, beta: float)
     fires = (seen >= 0) & (_state_before(top_count, first, 0).to(torch.float32) / total_f
                            >= torch.tensor(threshold, dtype=torch.float32, device=device))
     chosen = target[fires]
-    token[chosen] = _state_before(top_token, first, 0)[fires]
+    token[chosen] = _state_before(top_token, first, 0)[fires].to(torch.int32)
     boost[chosen] = beta
-    evidence[chosen] = seen[fires]
+    evidence[chosen] = seen[fires].to(torch.int32)
     return hints
 
 
