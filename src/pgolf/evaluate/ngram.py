@@ -4,8 +4,8 @@ Facts from the challenge (technique-spec §10): PR #1514 (merged) added the caus
 PR #1420 kernel family with its within-word and word-start experts switched off; the audit in the PR #1967
 thread showed that those two experts decide whether to fire by looking at the realized target token
 (`boundary_lut[tokens[i]]`, `starts_new_word_lut[tokens[i]]`), so only the token expert is legal. #2018,
-#2130 and #2135 run its precompute inside the eval timer; #2135 uses order 16, threshold 0.8, boost 2.625
-and logs 628,130 hinted targets of 47,851,520.
+#2130 and #2135 run its precompute inside the eval timer, with order 16, threshold 0.8, boost 2.625 (#2135
+is #2130 with more GPTQ calibration batches); #2130 logs 628,130 hinted targets of 47,851,520.
 
 The expert. Target k is tokens[k + 1]; its context is the last ORDER - 1 tokens tokens[k - ORDER + 2 .. k].
 Over the earlier targets j < k with the same context it counts each next token; the hint h is the most
