@@ -149,6 +149,13 @@ def test_presets_say_what_they_are():
     assert seed.train.train_batch_tokens == 786_432 and base.train.train_batch_tokens == 524_288
     # tiny-scale doc: a 0.997 EMA would be 41% initial weights after 300 steps
     assert tiny.train.ema_decay < 0.99
+    # the sources exactly (issue 17): upstream's default init; PR #490's init, projection rule, no BOS mask
+    assert (base.model.weight_init, seed.model.weight_init, seed.model.orthogonal_min_dim) == ("default", "orthogonal", 64)
+    assert (seed.model.bigram_proj, seed.model.bos_mask) == ("if_needed", False)
+    assert {c.train.muon_ns_dtype for c in (seed, plus, base, tiny)} == {"bf16"}
+    # pgolf's fixes live in seed-plus and what derives from it
+    for fixed in (plus, tiny, C.resolve("debug", env={})):
+        assert fixed.model.bos_mask and fixed.model.orthogonal_min_dim == 0
 
 
 def test_cli_error_is_one_line(capsys, monkeypatch):

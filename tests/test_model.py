@@ -66,7 +66,9 @@ def spec_formula(c: ModelConfig) -> int:
     per_layer = 2 * d * d + 2 * d * kv + 2 * d * c.mlp_hidden + c.num_heads + 4 * d
     per_layer += (c.num_heads * d + c.num_heads) if c.gated_attention else 0
     total = c.vocab_size * d + L * per_layer + min(enc, L - enc) * d
-    total += (c.bigram_buckets * c.bigram_dim + c.bigram_dim * d + 1) if c.bigram_buckets else 0
+    if c.bigram_buckets:
+        total += c.bigram_buckets * c.bigram_dim + 1
+        total += c.bigram_dim * d if (c.bigram_dim != d or c.bigram_proj == "always") else 0
     total += d if c.smear_gate else 0
     total += 2 * (L - 1) if c.value_residual else 0
     return total
@@ -75,6 +77,37 @@ def spec_formula(c: ModelConfig) -> int:
 @pytest.mark.parametrize("preset", ["baseline", "seed", "seed-plus", "tiny", "debug"])
 def test_param_count_follows_the_spec_formula(preset):
     assert meta_model(preset).num_params() == spec_formula(PRESETS[preset]().model)
+
+
+# the side-by-side shape of issue 17: d128, 4 layers, 4 heads / 2 KV, seq 256; each source keeps its own
+# MLP width and (PR #490) its own BigramHash 4096 x 128, so bigram_dim == model_dim there
+SMALL_SHAPE = dict(num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2)
+
+
+def at_small_shape(preset: str, **extra) -> ModelConfig:
+    return replace(PRESETS[preset]().model, **{**SMALL_SHAPE, **extra})
+
+
+def test_param_counts_at_the_small_shape_match_the_source_scripts():
+    with torch.device("meta"):
+        assert GPT(at_small_shape("seed")).num_params() == 1_249_703  # PR #490's script at this shape
+        assert GPT(at_small_shape("baseline")).num_params() == 592_144  # upstream's baseline at this shape
+        assert GPT(at_small_shape("seed-plus")).num_params() == 1_249_703
+        # pgolf's old rule kept the 128 x 128 projection: 16,384 parameters the source does not have
+        assert GPT(at_small_shape("seed", bigram_proj="always")).num_params() == 1_249_703 + 128 * 128
+
+
+@pytest.mark.parametrize("bigram_dim, model_dim, rule, present", [
+    (128, 512, "if_needed", True), (128, 128, "if_needed", False), (64, 128, "if_needed", True),
+    (128, 128, "always", True), (32, 64, "always", True),
+])
+def test_bigram_projection_exists_exactly_when_the_widths_differ(bigram_dim, model_dim, rule, present):
+    cfg = replace(PRESETS["seed"]().model, model_dim=model_dim, num_heads=4, num_kv_heads=2, num_layers=2,
+                  bigram_dim=bigram_dim, bigram_proj=rule)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert (model.bigram.proj is not None) == present
+    assert ("bigram.proj.weight" in dict(model.param_groups()["matrix"])) == present
 
 
 # ---- presets switch on what they claim -------------------------------------------------------
@@ -87,6 +120,7 @@ def test_seed_preset_elements():
     assert all(tuple(b.attn.gate.weight.shape) == (8, 512) for b in m.blocks)
     assert tuple(m.bigram.table.weight.shape) == (4096, 128) and tuple(m.bigram.proj.weight.shape) == (512, 128)
     assert tuple(m.smear.gate.shape) == (512,)
+    assert not m.smear.bos_mask and not m.bigram.bos_mask  # PR #490 has no BOS mask
     assert not any(b.attn.xsa for b in m.blocks) and all(b.branch_scale == 1.0 for b in m.blocks)
     assert m.rotary.dims == 64 and m.rotary.ntk_ref_len == 1024
     assert m.blocks[0].mlp.slope == 0.5 and tuple(m.blocks[0].mlp.fc.weight.shape) == (1536, 512)
@@ -98,8 +132,10 @@ def test_seed_plus_adds_xsa_partial_rope_ln_scale():
     assert [b.attn.xsa for b in m.blocks] == [False] * 7 + [True] * 4
     assert m.rotary.dims == 16 and m.rotary.ntk_ref_len == 0
     assert [b.branch_scale for b in m.blocks] == pytest.approx([1 / math.sqrt(l + 1) for l in range(11)])
+    assert m.smear.bos_mask and m.bigram.bos_mask and m.cfg.orthogonal_min_dim == 0  # pgolf's fixes
     tiny = meta_model("tiny")  # tiny is a small seed-plus: every element stays on
     assert tiny.bigram is not None and tiny.smear is not None and tiny.rotary.dims == 16
+    assert tiny.smear.bos_mask and tiny.cfg.orthogonal_min_dim == 0
     assert tiny.blocks[-1].attn.xsa and tiny.blocks[1].attn.vr_lambda is not None
 
 
@@ -109,6 +145,7 @@ def test_baseline_preset_elements():
     assert m.bigram is None and m.smear is None
     assert all(b.attn.gate is None and b.attn.vr_lambda is None for b in m.blocks)
     assert m.blocks[0].mlp.slope == 0.0 and tuple(m.blocks[0].mlp.fc.weight.shape) == (1024, 512)
+    assert m.cfg.weight_init == "default" and m.cfg.attention_backend == "sdpa"  # as upstream's script
 
 
 # ---- every switch changes the output, and "off" means the formula's neutral value ------------
@@ -123,6 +160,7 @@ TOGGLES = {
     "ln_scale": dict(ln_scale=False),
     "unet_skips": dict(unet_skips=False),
     "leaky_relu": dict(mlp_activation="relu2"),
+    "bos_mask": dict(bos_mask=False),
 }
 
 
@@ -202,7 +240,9 @@ def test_logits_are_softcapped_fp32():
 def test_bigram_hash_values():
     idx = torch.tensor([[5, 7, BOS_ID, 9, 7]])
     expected = [15, (36313 * 7 ^ 27191 * 5) % 15, 15, (36313 * 9 ^ 27191 * BOS_ID) % 15, (36313 * 7 ^ 27191 * 9) % 15]
-    assert bigram_hash(idx, 16).tolist() == [expected]
+    assert bigram_hash(idx, 16, bos_mask=True).tolist() == [expected]
+    expected[2] = (36313 * BOS_ID ^ 27191 * 7) % 15  # PR #490: a BOS is hashed with the token before it
+    assert bigram_hash(idx, 16, bos_mask=False).tolist() == [expected]
 
 
 def two_docs(prev_token: int) -> torch.Tensor:
@@ -229,6 +269,19 @@ def test_each_input_path_alone_respects_bos(path):
         a, b = model.embed(two_docs(40)), model.embed(two_docs(41))
     torch.testing.assert_close(a[:, 5], b[:, 5], rtol=0, atol=0)
     assert (a[:, 6] - b[:, 6]).abs().max() == 0  # pos 6 reads BOS and token 6 only, both unchanged
+
+
+def test_without_the_mask_x0_is_pr490s_formula_and_leaks_across_bos():
+    model = perturbed(replace(SMALL, bos_mask=False))
+    idx = two_docs(40)
+    with torch.no_grad():
+        e = model.tok_emb(idx) + model.bigram(idx)
+        x = F.rms_norm(e, (e.size(-1),))
+        g = torch.sigmoid(model.smear.gate)
+        prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)  # x_{-1} = 0
+        torch.testing.assert_close(model.embed(idx), (1 - g) * x + g * prev, rtol=0, atol=0)
+        a, b = model.embed(two_docs(40)), model.embed(two_docs(41))
+    assert (a[:, 5] - b[:, 5]).abs().max() > 1e-3  # the BOS of doc k+1 sees doc k's last token
 
 
 def test_full_forward_at_bos_ignores_the_previous_document_without_attention():
@@ -401,6 +454,84 @@ def test_init_follows_the_spec():
     proj = model.bigram.proj.weight  # (128, 64): orthonormal columns, scaled by 1/sqrt(2L)
     torch.testing.assert_close(proj.T @ proj, torch.eye(64) / (2 * 2), rtol=0, atol=1e-4)
     assert model.bigram.table.weight.abs().max() == 0 and model.bigram.scale.item() == pytest.approx(0.05)
+
+
+def test_pr490_init_leaves_narrow_linears_as_drawn():
+    """PR #490 re-draws a linear orthogonal only when both dims are >= 64: below, c_k/c_v keep
+    nn.Linear's Kaiming-uniform draw and the bigram projection stays at its constructor's zeros."""
+    torch.manual_seed(0)
+    narrow = replace(PRESETS["seed"]().model, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1,
+                     bigram_buckets=64, bigram_dim=32)  # head dim 32: c_k is 32 x 64
+    model = build_model(narrow, "cpu")
+    wq, wk = model.blocks[0].attn.c_q.weight, model.blocks[0].attn.c_k.weight
+    torch.testing.assert_close(wq @ wq.T, torch.eye(64), rtol=0, atol=1e-4)
+    assert (wk @ wk.T - torch.eye(32)).abs().max() > 0.5 and wk.abs().max() <= 1 / math.sqrt(64)
+    assert model.bigram.proj.weight.abs().max() == 0  # and so the bigram path never trains
+    fixed = build_model(replace(narrow, orthogonal_min_dim=0), "cpu")  # seed-plus's rule: every width
+    assert fixed.bigram.proj.weight.abs().max() > 0
+
+
+def source_weights(c: ModelConfig, seed: int, orthogonal: bool) -> dict[str, torch.Tensor]:
+    """The weights both source scripts draw for `seed`, from torch.nn alone (tied embedding, no untied head).
+
+    Their constructors draw in this order: tok_emb; BigramHash table, then its projection only when
+    bigram_dim != model_dim (zeroed); per block c_q, c_k, c_v, proj (zeroed), the gate (weight zeroed,
+    bias 4), MLP fc, proj (zeroed). Then the embedding is re-drawn N(0, 0.005²) and, in PR #490, every
+    linear not zeroed on purpose whose both dims are >= 64 is re-drawn orthogonal in module order (the
+    bigram projection then scaled by 1/√(2L)).
+    """
+    torch.manual_seed(seed)
+    d, hd, L = c.model_dim, c.head_dim, c.num_layers
+    w = {"tok_emb.weight": torch.nn.Embedding(c.vocab_size, d).weight.detach()}
+    linears = []  # (name, weight, zeroed on purpose)
+    if c.bigram_buckets:
+        w["bigram.table.weight"] = torch.nn.Embedding(c.bigram_buckets, c.bigram_dim).weight.detach().zero_()
+        if c.bigram_dim != d:
+            linears.append(("bigram.proj", torch.nn.Linear(c.bigram_dim, d, bias=False).weight.detach().zero_(), False))
+    for i in range(L):
+        p = f"blocks.{i}."
+        for name, n_in, n_out in (("attn.c_q", d, c.num_heads * hd), ("attn.c_k", d, c.num_kv_heads * hd),
+                                  ("attn.c_v", d, c.num_kv_heads * hd), ("attn.proj", d, d)):
+            linears.append((p + name, torch.nn.Linear(n_in, n_out, bias=False).weight.detach(), name == "attn.proj"))
+        if c.gated_attention:
+            gate = torch.nn.Linear(d, c.num_heads)
+            w[p + "attn.gate.bias"] = gate.bias.detach().fill_(4.0)
+            linears.append((p + "attn.gate", gate.weight.detach(), True))
+        linears.append((p + "mlp.fc", torch.nn.Linear(d, c.mlp_hidden, bias=False).weight.detach(), False))
+        linears.append((p + "mlp.proj", torch.nn.Linear(c.mlp_hidden, d, bias=False).weight.detach(), True))
+    torch.nn.init.normal_(w["tok_emb.weight"], std=0.005)
+    for name, weight, zeroed in linears:
+        if zeroed:
+            weight.zero_()
+        elif orthogonal and min(weight.shape) >= 64:
+            torch.nn.init.orthogonal_(weight)
+            if name == "bigram.proj":
+                weight.mul_(1 / math.sqrt(2 * L))
+        w[name + ".weight"] = weight
+    return w
+
+
+@pytest.mark.parametrize("preset, extra", [
+    ("baseline", {}),  # upstream: nn.Linear's default init everywhere but the zeroed projections
+    ("seed", {}),  # PR #490 at d128 with its own 4096 x 128 table: no projection
+    ("seed", dict(bigram_dim=64)),  # a projection, orthogonal / sqrt(2L)
+    ("seed", dict(model_dim=64, num_heads=2, num_kv_heads=1, bigram_dim=32)),  # narrow: the 64 rule bites
+])
+def test_weights_and_step0_loss_equal_the_sources_for_one_seed(preset, extra):
+    cfg = at_small_shape(preset, **extra)
+    torch.manual_seed(1337)
+    model = build_model(cfg, "cpu")
+    ref = source_weights(cfg, 1337, orthogonal=cfg.weight_init == "orthogonal")
+    ours = model.state_dict()
+    drawn = {k for k in ours if k.endswith(".weight") and ours[k].ndim == 2} | {k for k in ours if k.endswith("gate.bias")}
+    assert drawn == set(ref)  # every drawn tensor is accounted for, nothing extra (e.g. no bigram.proj)
+    for name, tensor in ref.items():
+        assert torch.equal(ours[name], tensor), name
+    reference = GPT(cfg)
+    reference.load_state_dict({**ours, **ref})
+    idx = torch.randint(0, cfg.vocab_size, (2, 65), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert model.loss(idx[:, :-1], idx[:, 1:]).item() == reference.loss(idx[:, :-1], idx[:, 1:]).item()
 
 
 def test_rotary_ntk_base():

@@ -51,14 +51,39 @@ def test_ns_coefficients_schedules():
         ns_coefficients("cubic", 5)
 
 
-def test_muon_step_matches_the_hand_written_rule():
+def test_newton_schulz_in_bf16_rounds_as_the_sources_do():
+    """Both sources: X = G in bf16 / (‖X‖ + 1e-7), wide orientation, X <- aX + (bA + (cA)A)X, A = XXᵀ."""
+    torch.manual_seed(2)
+    for shape in ((48, 16), (16, 40)):
+        g = torch.randn(*shape)
+        x = g.bfloat16()
+        x = x / (x.norm() + 1e-7)
+        x = x.T if shape[0] > shape[1] else x
+        for a, b, c in [NS_CLASSIC] * 5:
+            A = x @ x.T
+            x = a * x + (b * A + c * A @ A) @ x  # Python: c * A @ A is (c * A) @ A
+        x = x.T if shape[0] > shape[1] else x
+        assert torch.equal(newton_schulz(g, ns_coefficients("classic", 5), torch.bfloat16), x)
+
+
+@pytest.mark.parametrize("preset", list(config.PRESETS))
+def test_newton_schulz_is_bf16_on_every_device_unless_asked(preset):
+    matrix = _Toy().param_groups()
+    muon = build_optimizers(matrix, config.resolve(preset, env={}).train).optimizers[0]
+    assert muon.ns_dtype == torch.bfloat16  # as both sources, CPU included
+    fp32 = build_optimizers(matrix, config.resolve(preset, env={"MUON_NS_DTYPE": "fp32"}).train).optimizers[0]
+    assert fp32.ns_dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-6)])
+def test_muon_step_matches_the_hand_written_rule(dtype, tol):
     torch.manual_seed(1)
     lr, mu, wd = 0.1, 0.9, 0.5
     tall = torch.nn.Parameter(torch.randn(16, 4))  # rows/cols = 4 -> update scaled by 2
     wide = torch.nn.Parameter(torch.randn(4, 16))  # rows/cols < 1 -> scale 1
     w0 = [tall.detach().clone(), wide.detach().clone()]
     grads = [[torch.randn(16, 4), torch.randn(4, 16)] for _ in range(2)]
-    opt = Muon([tall, wide], lr=lr, momentum=mu, weight_decay=wd)
+    opt = Muon([tall, wide], lr=lr, momentum=mu, weight_decay=wd, ns_dtype=dtype)
     coeffs = ns_coefficients("classic", 5)
 
     expected = [w.clone() for w in w0]
@@ -71,9 +96,10 @@ def test_muon_step_matches_the_hand_written_rule():
             bufs[i] = mu * bufs[i] + g
             u = g + mu * bufs[i]
             scale = math.sqrt(max(1.0, g.size(0) / g.size(1)))
-            expected[i] = expected[i] * (1 - lr * wd) - lr * scale * newton_schulz(u, coeffs, torch.float32)
-    torch.testing.assert_close(tall.detach(), expected[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(wide.detach(), expected[1], rtol=1e-5, atol=1e-6)
+            update = (newton_schulz(u, coeffs, dtype) * scale).float()  # scaled in NS precision
+            expected[i] = expected[i] * (1 - lr * wd) - lr * update
+    torch.testing.assert_close(tall.detach(), expected[0], rtol=1e-5, atol=tol)
+    torch.testing.assert_close(wide.detach(), expected[1], rtol=1e-5, atol=tol)
     assert opt.state[tall]["momentum_buffer"].dtype == torch.float32
 
 

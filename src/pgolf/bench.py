@@ -352,7 +352,7 @@ class StepRunner:
         sync(self.device)
         t0 = time.perf_counter()
         for p in mats:
-            muon.orthogonalize(p.detach().float(), muon._dtype_for(p))
+            muon.orthogonalize(p.detach().float(), muon.ns_dtype)
         sync(self.device)
         return time.perf_counter() - t0
 

@@ -56,9 +56,17 @@ class ModelConfig:
     gate_bias_init: float = 4.0  # sigmoid(4) ~ 0.982: the gate starts almost open
     bigram_buckets: int = 4096  # BigramHash table rows; 0 disables BigramHash
     bigram_dim: int = 128
-    smear_gate: bool = True  # mix the previous position in (never into a BOS position)
+    # projection bigram_dim -> model_dim: PR #490 builds it only when the widths differ ("if_needed")
+    bigram_proj: Literal["if_needed", "always"] = "if_needed"
+    smear_gate: bool = True  # mix the previous position in
+    # BigramHash and SmearGate never reach across a BOS (or into position 0); PR #490 has no such mask
+    bos_mask: bool = False
     xsa_last_n: int = 0  # exclusive self-attention on the last N layers
     ln_scale: bool = False  # scale normalized branch inputs by 1/sqrt(layer+1)
+    # linear init: "default" keeps nn.Linear's own (upstream baseline); "orthogonal" is PR #490's rule,
+    # orthogonal where both dims >= orthogonal_min_dim (the PR: 64), else left as drawn
+    weight_init: Literal["default", "orthogonal"] = "orthogonal"
+    orthogonal_min_dim: int = 64
     qat_bits: int = 6  # fake-quant width of block matrices once QAT is switched on (int6: [-32, 31])
     attention_backend: Literal["auto", "fa3", "sdpa"] = "auto"  # auto: FA3 on CUDA if importable
     torch_compile: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA, off for CPU
@@ -93,6 +101,7 @@ class TrainConfig:
     muon_momentum_warmup_steps: int = 500
     muon_backend_steps: int = 5  # Newton-Schulz iterations
     muon_ns_coeffs: Literal["classic", "polar_express"] = "classic"
+    muon_ns_dtype: Literal["bf16", "fp32"] = "bf16"  # Newton-Schulz precision; both sources: bf16 everywhere
     muon_wd: float = 0.04
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -334,7 +343,9 @@ def validate(cfg: Config) -> None:
 
 
 def _seed() -> Config:
-    """PR #490's record script: 11L, VR, GA, LeakyReLU(0.5)^2, BigramHash, SmearGate, TTT."""
+    """PR #490's record script at the PR head, its file defaults: 11L, VR, GA, LeakyReLU(0.5)^2,
+    BigramHash (no projection when its width is the model's), SmearGate without a BOS mask, PR #490's
+    orthogonal init, bf16 Newton-Schulz, TTT. The ModelConfig/TrainConfig defaults are these values."""
     return Config(
         preset="seed",
         model=ModelConfig(rope_ntk_ref_len=1024),
@@ -345,18 +356,22 @@ def _seed() -> Config:
 
 
 def _seed_plus() -> Config:
-    """The seed plus the extras of PR #490's final script: XSA-4, partial RoPE 16, LN scale, late QAT."""
+    """The seed plus the extras of PR #490's final script (XSA-4, partial RoPE 16, LN scale, late QAT)
+    and pgolf's fixes: the BOS mask (spec §7.1 item 8) and orthogonal init at every width (below 64 the
+    PR leaves its zero-initialized bigram projection at zero, so that path never trains)."""
     base = _seed()
     return replace(
         base,
         preset="seed-plus",
-        model=replace(base.model, xsa_last_n=4, rope_dims=16, rope_ntk_ref_len=0, ln_scale=True),
+        model=replace(base.model, xsa_last_n=4, rope_dims=16, rope_ntk_ref_len=0, ln_scale=True,
+                      bos_mask=True, orthogonal_min_dim=0),
         train=replace(base.train, late_qat_threshold=0.15),
     )
 
 
 def _baseline() -> Config:
-    """The challenge's naive baseline: 9L x 512, ReLU^2, MLP 2x, seq 1024, int8 + zlib, no TTT."""
+    """The challenge's naive baseline (upstream train_gpt.py): 9L x 512, ReLU^2, MLP 2x, seq 1024,
+    nn.Linear's default init, SDPA attention, int8 + zlib, no TTT."""
     return Config(
         preset="baseline",
         model=ModelConfig(
@@ -367,6 +382,8 @@ def _baseline() -> Config:
             gated_attention=False,
             bigram_buckets=0,
             smear_gate=False,
+            weight_init="default",
+            attention_backend="sdpa",
         ),
         train=TrainConfig(
             iterations=20_000,

@@ -186,51 +186,66 @@ class Block(nn.Module):
         return x, v_raw
 
 
-def bigram_hash(idx: torch.Tensor, buckets: int) -> torch.Tensor:
+def bigram_hash(idx: torch.Tensor, buckets: int, bos_mask: bool) -> torch.Tensor:
     """Bucket of (previous token, token): (36313·t_i XOR 27191·t_{i-1}) mod (buckets - 1).
 
-    Position 0 and every BOS position get the reserved bucket buckets - 1, so a document's first
-    position never sees the previous document's last token (the BigramHash half of the BOS fix).
+    Position 0 gets the reserved bucket buckets - 1. With `bos_mask` every BOS position does too, so a
+    document's first position never sees the previous document's last token (the BigramHash half of
+    the BOS fix; PR #490 hashes across the boundary).
     """
     idx = idx.long()
     prev = F.pad(idx[:, :-1], (1, 0))
     h = torch.bitwise_xor(36313 * idx, 27191 * prev).remainder(buckets - 1)
-    reserved = idx == BOS_ID
+    reserved = idx == BOS_ID if bos_mask else torch.zeros_like(idx, dtype=torch.bool)
     reserved[:, 0] = True
     return torch.where(reserved, torch.full_like(h, buckets - 1), h)
 
 
 class BigramHash(nn.Module):
-    """e += scale · proj(table[hash(t_{i-1}, t_i)]); zero table, orthogonal/√(2L) proj, scale 0.05.
+    """e += scale · proj(table[hash(t_{i-1}, t_i)]); zero table, scale init 0.05.
 
-    The projection is kept even when bigram_dim == model_dim and is initialized non-zero at every
-    width, so the table receives gradient from the first step (tiny-scale notes).
+    The projection bigram_dim -> model_dim exists when the widths differ (BIGRAM_PROJ=always: at every
+    width). It is built zero, as in PR #490, and only an orthogonal init (GPT._init_weights) makes it
+    non-zero: left at zero, neither it nor the zero table ever gets a gradient.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.buckets = cfg.bigram_buckets
+        self.buckets, self.bos_mask = cfg.bigram_buckets, cfg.bos_mask
         self.table = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim)
-        self.proj = CastedLinear(cfg.bigram_dim, cfg.model_dim)
+        needed = cfg.bigram_proj == "always" or cfg.bigram_dim != cfg.model_dim
+        self.proj = CastedLinear(cfg.bigram_dim, cfg.model_dim) if needed else None
+        if self.proj is not None:
+            nn.init.zeros_(self.proj.weight)  # after nn.Linear's own draw: the RNG stream stays the PR's
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        h = self.table(bigram_hash(idx, self.buckets))
-        return self.scale.to(h.dtype) * self.proj(h)
+        h = self.table(bigram_hash(idx, self.buckets, self.bos_mask))
+        if self.proj is not None:
+            h = self.proj(h)
+        return h * self.scale.to(h.dtype)
 
 
 class SmearGate(nn.Module):
-    """x_t <- (1 - σ(g)) x_t + σ(g) x_{t-1} per channel (g init 0), never into position 0 or a BOS."""
+    """x_t <- (1 - σ(g)) x_t + σ(g) x_{t-1} per channel, g init 0.
+
+    Without the BOS mask (PR #490) x_{-1} = 0, so position 0 is scaled by 1 - σ(g), and a BOS takes in
+    the previous document's last position. With it, position 0 and every BOS are left unmixed.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.bos_mask = cfg.bos_mask
         self.gate = nn.Parameter(torch.zeros(cfg.model_dim))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype))
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
-        keep = (idx != BOS_ID).unsqueeze(-1).to(x.dtype)  # BOS mask: no mixing into a document start
+        if not self.bos_mask:
+            return (1 - g) * x + g * prev
+        keep = (idx != BOS_ID).unsqueeze(-1).to(x.dtype)  # no mixing into a document start
         keep[:, 0] = 0
-        return x + keep * torch.sigmoid(self.gate).to(x.dtype) * (prev - x)
+        return x + keep * g * (prev - x)
 
 
 class GPT(nn.Module):
@@ -255,20 +270,30 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self) -> None:
-        """Spec §2.4: tied embedding N(0, std²); linears orthogonal unless zero-init; bigram.proj /√(2L)."""
+        """Tied embedding N(0, std²); zero-init linears zero; the rest by WEIGHT_INIT.
+
+        `default` (upstream baseline): every other linear keeps nn.Linear's Kaiming-uniform draw.
+        `orthogonal` (PR #490, spec §2.4): a linear whose both dims are >= ORTHOGONAL_MIN_DIM is
+        re-drawn orthogonal (gain 1), and bigram.proj (the one such linear named `proj`) is then
+        scaled by 1/√(2L); narrower linears keep their draw (bigram.proj stays zero). Draws happen in
+        construction order, then the embedding, then module order, as in both sources, so one seed
+        gives their weights.
+        """
         if self.tok_emb.weight.device.type == "meta":
             return
         if self.cfg.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=self.cfg.tied_embed_init_std)
-        for module in self.modules():
-            if isinstance(module, CastedLinear):
-                if module.zero_init:
-                    nn.init.zeros_(module.weight)
-                else:
-                    nn.init.orthogonal_(module.weight)
         if self.bigram is not None:
             nn.init.zeros_(self.bigram.table.weight)
-            self.bigram.proj.weight.mul_(1.0 / math.sqrt(2 * self.cfg.num_layers))
+        for name, module in self.named_modules():
+            if not isinstance(module, CastedLinear):
+                continue
+            if module.zero_init:
+                nn.init.zeros_(module.weight)
+            elif self.cfg.weight_init == "orthogonal" and min(module.weight.shape) >= self.cfg.orthogonal_min_dim:
+                nn.init.orthogonal_(module.weight)
+                if name == "bigram.proj":
+                    module.weight.mul_(1.0 / math.sqrt(2 * self.cfg.num_layers))
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """x0 (B, T, d): RMSNorm(tok_emb + BigramHash), then SmearGate. Depends only on t_{i-1}, t_i."""

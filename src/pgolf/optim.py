@@ -9,8 +9,9 @@ Muon (Keller Jordan's "MomentUm Orthogonalized by Newton-Schulz"): for each 2-D 
     W   <- W * (1 - lr * wd) - lr * sqrt(max(1, rows / cols)) * O
 
 Newton-Schulz normalizes X = u / ||u||_F, transposes tall matrices, and iterates
-X <- a X + (b A + c A^2) X with A = X X^T. The classic quintic uses one fixed (a, b, c); the
-"Polar Express" schedule uses a tuned tuple per iteration (spec §3, column (b)).
+X <- a X + (b A + c A^2) X with A = X X^T, in bf16 on every device as both sources do
+(MUON_NS_DTYPE=fp32 to change it). The classic quintic uses one fixed (a, b, c); the "Polar Express"
+schedule uses a tuned tuple per iteration (spec §3, column (b)).
 
 Under data parallelism every rank keeps the full momentum state (grads are already averaged, so the
 state is identical everywhere and a checkpoint from rank 0 is complete), but Newton-Schulz, the
@@ -49,6 +50,9 @@ NS_POLAR_EXPRESS = (
 )
 
 
+NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # MUON_NS_DTYPE
+
+
 def ns_coefficients(kind: str, steps: int) -> list[tuple[float, float, float]]:
     """The (a, b, c) used at each of `steps` iterations; Polar Express repeats its last tuple."""
     if steps < 1:
@@ -70,7 +74,7 @@ def newton_schulz(g: Tensor, coeffs: Sequence[tuple[float, float, float]], dtype
     x = x / (x.norm() + 1e-7)
     for a, b, c in coeffs:
         A = x @ x.T
-        B = b * A + c * (A @ A)
+        B = b * A + (c * A) @ A  # c A², in the sources' order, so bf16 rounds as theirs does
         x = a * x + B @ x
     return x.T if transposed else x
 
@@ -89,7 +93,7 @@ class Muon(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         rank: int = 0,
         world_size: int = 1,
-        ns_dtype: torch.dtype | None = None,
+        ns_dtype: torch.dtype = torch.bfloat16,
         torch_compile: str = "off",
     ):
         params = list(params)
@@ -100,7 +104,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.coeffs = ns_coefficients(ns_coeffs, backend_steps)
         self.rank, self.world_size = rank, world_size
-        self.ns_dtype = ns_dtype  # None: bf16 on CUDA (as the seed), fp32 elsewhere (CPU bf16 is slow)
+        self.ns_dtype = ns_dtype  # bf16 as both sources, on every device (MUON_NS_DTYPE)
         self.torch_compile = torch_compile
         self._orthogonalize: Any = None  # newton_schulz, or its compiled wrapper; built at the first step
 
@@ -114,11 +118,6 @@ class Muon(torch.optim.Optimizer):
             self._orthogonalize = maybe_compiled("newton_schulz", newton_schulz, self.torch_compile, u.device,
                                                  planned=max(1, len(shapes)))
         return self._orthogonalize(u, self.coeffs, dtype)
-
-    def _dtype_for(self, p: Tensor) -> torch.dtype:
-        if self.ns_dtype is not None:
-            return self.ns_dtype
-        return torch.bfloat16 if p.is_cuda else torch.float32
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
@@ -140,7 +139,7 @@ class Muon(torch.optim.Optimizer):
             # every rank keeps every momentum buffer (cheap, elementwise): identical state everywhere
             torch._foreach_mul_(bufs, mu)
             torch._foreach_add_(bufs, grads)
-            dtype = self._dtype_for(params[0])
+            dtype = self.ns_dtype
             flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
             offset = 0
             for i, (p, g, buf) in enumerate(zip(params, grads, bufs)):
@@ -274,6 +273,7 @@ def build_optimizers(
             rank=rank,
             world_size=world_size,
             torch_compile=torch_compile,
+            ns_dtype=NS_DTYPES[train.muon_ns_dtype],
         )
         muon.param_groups[0].update(name="matrix", base_lr=train.matrix_lr)
         optimizers.append(muon)
