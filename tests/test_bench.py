@@ -60,6 +60,8 @@ def test_each_stack_keeps_its_switches_at_the_shape():
         1024, 64, 0, False)
     assert seed.model.rope_ntk_ref_len == 128  # 1024 at 2048 -> 128 at 256: still NTK-rescaled
     assert (seed.quant.quant_method, seed.quant.matrix_bits, seed.train.gptq_reserve_seconds) == ("gptq", 6, 5.0)
+    # each source's init and input-path rules are part of its stack, not of the size
+    assert (base.model.weight_init, seed.model.orthogonal_min_dim, seed.model.bos_mask) == ("default", 64, False)
 
 
 def test_steps_rescale_the_schedule():
