@@ -345,7 +345,8 @@ def validate(cfg: Config) -> None:
 def _seed() -> Config:
     """PR #490's record script at the PR head, its file defaults: 11L, VR, GA, LeakyReLU(0.5)^2,
     BigramHash (no projection when its width is the model's), SmearGate without a BOS mask, PR #490's
-    orthogonal init, bf16 Newton-Schulz, TTT. The ModelConfig/TrainConfig defaults are these values."""
+    orthogonal init, bf16 Newton-Schulz, TTT."""
+    # the ModelConfig / TrainConfig defaults are the seed's values
     return Config(
         preset="seed",
         model=ModelConfig(rope_ntk_ref_len=1024),

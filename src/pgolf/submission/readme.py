@@ -35,12 +35,13 @@ def _span(values: Sequence[int]) -> str:
 
 def stack_lines(cfg: cfgmod.Config) -> list[str]:
     m, t, q, e = cfg.model, cfg.train, cfg.quant, cfg.eval
-    doc = (cfgmod.PRESETS[cfg.preset].__doc__ or "").strip()
+    doc = " ".join((cfgmod.PRESETS[cfg.preset].__doc__ or "").split())  # docstrings may wrap
     lines = [f"Preset `{cfg.preset}`: {doc}", ""]
     lines += [
         f"- Model: {m.num_layers} layers × {m.model_dim} wide, {m.num_heads} heads ({m.num_kv_heads} KV), "
         f"MLP {m.mlp_mult}× {m.mlp_activation}, vocab {m.vocab_size}, tied embeddings: {_fmt(m.tie_embeddings)}, "
-        f"BigramHash {m.bigram_buckets}×{m.bigram_dim}, SmearGate {_fmt(m.smear_gate)}, "
+        f"BigramHash {m.bigram_buckets}×{m.bigram_dim}, SmearGate {_fmt(m.smear_gate)}, BOS mask {_fmt(m.bos_mask)}, "
+        f"{m.weight_init} init, "
         f"XSA last {m.xsa_last_n}, RoPE dims {m.rope_dims or 'all'}",
         f"- Training: seq {t.train_seq_len}, {t.train_batch_tokens:,} tokens/step, at most {t.iterations:,} steps "
         f"under a {t.max_wallclock_seconds:g} s cap (GPTQ reserve {t.gptq_reserve_seconds:g} s), Muon lr "
