@@ -243,6 +243,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "rope_base": (1, 1e12), "rope_dims": (0, 32_768), "rope_ntk_ref_len": (0, 1 << 24),
     "qk_gain_init": (0, 1e3), "gate_bias_init": (0, 100), "bigram_buckets": (0, 1 << 24),
     "bigram_dim": (1, 32_768), "xsa_last_n": (0, 256), "qat_bits": (2, 8),
+    "orthogonal_min_dim": (0, 32_768),
     "seed": (0, 2**32 - 1),  # numpy's seed range
     "iterations": (0, 10**9), "train_batch_tokens": (2, 1 << 34), "train_seq_len": (2, 1 << 20),
     "micro_batch_seqs": (1, 1 << 16), "max_wallclock_seconds": (0, 365 * DAY_S),
