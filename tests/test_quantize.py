@@ -120,9 +120,12 @@ def test_clip_search_never_worse_than_plain_max_scaling():
 def test_sdclip_and_percentile_scales_by_hand():
     w = torch.tensor([[1.0, -2.0, 3.0, -4.0], [0.5, 0.5, -0.5, -0.5]])
     s = R.sdclip_scales(w, 6, k=1.0)
-    std0 = float(np.std([1, -2, 3, -4]))
+    std0 = float(np.std([1, -2, 3, -4], ddof=1))
     assert float(s[0]) == pytest.approx(std0 / 31, rel=1e-3)
-    assert float(s[1]) == pytest.approx(0.5 / 31, rel=1e-3)  # k*std = 0.5 = the row max
+    # #1855's rule is not capped at the row max: k = 12.85 puts the grid far beyond it
+    s = R.sdclip_scales(w, 6, k=12.85)
+    assert float(s[1]) == pytest.approx(12.85 * float(np.std([0.5, 0.5, -0.5, -0.5], ddof=1)) / 31, rel=1e-3)
+    assert R.rtn(w, s, 6).abs().max() < 31 / 4
     pct = R.percentile_abs(w, 50.0)
     assert pct.tolist() == pytest.approx([np.percentile([1, 2, 3, 4], 50), 0.5])
 

@@ -124,12 +124,33 @@ class QuantConfig:
     embed_bits: int = 8  # tied embedding / bigram table
     # per-row scale: clip search, k * std, or the percentile clip of the baseline's int8 (EMBED_CLIP_PERCENTILE)
     row_clip: Literal["search", "sdclip", "percentile"] = "search"
-    sdclip_k: float = 12.85
+    sdclip_k: float = 12.85  # SDClip sigmas of matrices without a role below (#1855's MATRIX_CLIP_SIGMAS)
+    # per-role SDClip sigmas (#1855: MLP 11.5, attention 13.0, tied embedding 14.0); 0 = SDCLIP_K
+    mlp_clip_sigmas: float = 0.0
+    attn_clip_sigmas: float = 0.0
+    embed_clip_sigmas: float = 0.0
+    # row scales of the embedding-path tensors: the baseline's percentile clip, or SDClip (#1855's int7 tok_emb)
+    embed_clip: Literal["percentile", "sdclip"] = "percentile"
     embed_clip_percentile: float = 99.99984
+    # the tied embedding through GPTQ too, with the Hessian of the head's input (`final_norm` output)
+    embed_gptq: bool = False
     passthrough_max_numel: int = 65_536  # tensors this small are stored as fp16
+    # comma-separated fnmatch patterns: small 2-D tensors stored int8 per row (scale rowmax/127) instead of
+    # fp16, e.g. #1855's 8x12 sparse attention gates; empty = none
+    int8_row_tensors: str = ""
     prune_fraction: float = 0.0  # magnitude pruning before quantization
-    lowrank_rank: int = 0  # >0: rank-k SVD correction of W - W_hat on the worst tensors
-    lowrank_tensors: int = 0
+    lowrank_rank: int = 0  # >0: rank-k SVD correction of W - W_hat on the worst tensors (LQER; #1855: 4)
+    lowrank_tensors: int = 0  # how many tensors, by largest ||W - W_hat||_F (#1855: 3)
+    # factor storage: fp16, or asym = LQER's A as INT2 with one fp16 scale, B as INT4 with an fp16 scale
+    # per LOWRANK_GROUP consecutive entries
+    lowrank_packing: Literal["fp16", "asym"] = "fp16"
+    lowrank_group: int = 64
+    # AWQ-lite (#1908, #1945): the AWQ_LITE_GROUP_TOP_K most salient AWQ_LITE_GROUP_SIZE-column groups of the
+    # whole model (act RMS x mean |w|) are quantized at AWQ_LITE_BITS inside the same GPTQ solve
+    awq_lite_enabled: bool = False
+    awq_lite_bits: int = 8
+    awq_lite_group_top_k: int = 1
+    awq_lite_group_size: int = 64
     gptq_block_size: int = 128
     gptq_damp: float = 0.01  # fraction of mean diag(H) added to the diagonal
     gptq_act_order: bool = True
@@ -138,6 +159,11 @@ class QuantConfig:
     compressor: Literal["auto", "zlib", "lzma", "zstd", "brotli"] = "auto"  # auto = smallest
     # how sub-8-bit integers are stored: int8 containers, bit-packed, or auto = whichever compresses smaller
     q_layout: Literal["auto", "int8", "packed"] = "auto"
+    # also try per-group streams (#2135's COMPRESSOR=pergroup): integers grouped by role across layers,
+    # column-major, each group compressed on its own by the best compressor; rows of the SORT_ROWS roles
+    # reordered by greedy nearest-neighbour chaining (L1), the permutation stored
+    compress_groups: bool = False
+    sort_rows: str = "tok_emb,attn.c_q,mlp.fc"
     size_cap_bytes: int = SIZE_CAP_BYTES
 
 
@@ -259,6 +285,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "matrix_bits": (2, 8), "embed_bits": (2, 8), "sdclip_k": (1e-3, 1e3),
     "embed_clip_percentile": (50, 100), "passthrough_max_numel": (0, 1 << 40),
     "prune_fraction": (0, 1), "lowrank_rank": (0, 1 << 16), "lowrank_tensors": (0, 1 << 20),
+    "mlp_clip_sigmas": (0, 1e3), "attn_clip_sigmas": (0, 1e3), "embed_clip_sigmas": (0, 1e3),
+    "lowrank_group": (1, 1 << 20), "awq_lite_bits": (3, 8), "awq_lite_group_top_k": (0, 1 << 20),
+    "awq_lite_group_size": (1, 1 << 16),
     "gptq_block_size": (1, 1 << 16), "gptq_damp": (0, 100), "calib_batches": (1, 1 << 20),
     "size_cap_bytes": (1, 1 << 40),
     "eval_seq_len": (0, 1 << 20), "eval_stride": (1, 1 << 20), "eval_batch_seqs": (1, 1 << 16),
@@ -324,6 +353,8 @@ def validate(cfg: Config) -> None:
     for name, bits in (("MATRIX_BITS", q.matrix_bits), ("EMBED_BITS", q.embed_bits)):
         if not 2 <= bits <= 8:
             _fail(f"{name}={bits} must be between 2 and 8")
+    if q.awq_lite_enabled and q.awq_lite_bits <= q.matrix_bits:
+        _fail(f"AWQ_LITE_BITS={q.awq_lite_bits} must exceed MATRIX_BITS={q.matrix_bits} (the protected groups get more bits)")
     if not 0 <= q.prune_fraction < 1:
         _fail(f"PRUNE_FRACTION={q.prune_fraction} must be in [0, 1)")
     if e.eval_stride < 1 or e.eval_stride > cfg.eval_seq_len:

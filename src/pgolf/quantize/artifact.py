@@ -4,14 +4,19 @@ File layout (all integers little-endian):
 
     offset  size  field
     0       4     magic b"PGQZ"
-    4       2     format version (u16) = 2
+    4       2     format version (u16): 2, or 3 when the body is stored as streams (id 5)
     6       1     compressor id (u8): 1 zlib-9, 2 lzma (raw LZMA2, preset 9|extreme), 3 zstd-22,
-                  4 brotli-11 (window 24)
+                  4 brotli-11 (window 24), 5 streams (format 3)
     7       1     reserved, 0
     8       8     body length before compression (u64)
     16      8     compressed length (u64) = file size - 56
     24      32    sha256 of bytes 0..23 followed by the compressed body
     56      ...   compressed body
+
+Streams (id 5, the `grouped` layout): the body is cut into segments, each compressed on its own by
+the compressor that makes it smallest; the compressed region is u32 n, then n records (u8 compressor
+id 1-4, u64 raw length, u64 compressed length), then the n compressed segments. The body is their
+decompressed concatenation.
 
 Body (before compression):
 
@@ -23,16 +28,27 @@ Body (before compression):
                   entry = {"name", "kind": quant|fp16|raw, "shape", "dtype" (torch dtype of the
                   original tensor), "bits" (quant only), "parts": [part, ...]},
                   part  = {"role", "enc", "shape", "offset", "nbytes"} (offset from the payload start)
-    4+N     ...   payload: every part's bytes, grouped by role in the order q, scale, data, lr_a,
-                  lr_b, so that like bytes sit together for the entropy coder.
+    4+N     ...   payload: every part's bytes, grouped by role in the order of ROLE_ORDER, so that
+                  like bytes sit together for the entropy coder. Layout `grouped`: first every
+                  part but q (and the row orders, role "perm"), then one segment per q role across
+                  layers (`attn.c_q.weight` of every block, blocks in order; roles sorted by name).
 
-Part encodings: "i8" int8 values; "u<b>" the integers q + qmax (in [0, 2^b - 2]) bit-packed
-MSB-first into ceil(numel*b/8) bytes; "f16" IEEE half; "np:<numpy dtype>" raw bytes (non-float
-tensors). A "quant" entry dequantizes to q * scale[:, None] (+ lr_a @ lr_b when a low-rank
-correction is stored), computed in float32; "fp16" to the half values as float32; "raw" to its
-original dtype. The same `dequantize_entry` serves the in-memory path and the loader, so both give
-identical tensors. Identical weights give identical bytes (sorted names, sorted JSON keys,
-deterministic compressors).
+Part encodings: "i8" int8 values; "i8t" int8 values stored column-major (the transpose); "u<b>"
+the integers q + qmax (in [0, 2^b - 2]) bit-packed MSB-first into ceil(numel*b/8) bytes; "s<b>"
+signed integers in [-2^(b-1), 2^(b-1) - 1] stored as q + 2^(b-1), packed the same way; "f16" IEEE
+half; "np:<numpy dtype>" raw bytes (non-float tensors, row orders). A "perm" part (uint16, layout
+`grouped`) is the row order q was stored in: stored[i] = q[perm[i]]; the reader undoes it.
+
+A "quant" entry dequantizes, in float32, to q * scale[:, None], where
+  * with AWQ-lite groups (parts hi_start, hi_q, hi_scale) q holds only the other columns; the
+    hi_start[j] .. hi_start[j] + g - 1 columns (g = hi_q columns / len(hi_start)) are hi_q *
+    hi_scale[:, None];
+  * plus lr_a @ lr_b with a low-rank correction: fp16 factors, or (lr_a_scale present) LQER's
+    asymmetric packing: A = lr_a * lr_a_scale (one scale), B = lr_b * lr_b_scale per group of g
+    consecutive entries of the flattened B (g = lr_b numel / lr_b_scale numel).
+"fp16" entries load as their half values in float32, "raw" in the original dtype. The same
+`dequantize_entry` serves the in-memory path and the loader, so both give identical tensors.
+Identical weights give identical bytes (sorted names, sorted JSON keys, deterministic compressors).
 """
 
 from __future__ import annotations
@@ -50,16 +66,26 @@ import numpy as np
 import torch
 
 from pgolf.errors import ArtifactError
+from pgolf.quantize import groups as G
+from pgolf.quantize.awq import column_mask
 from pgolf.quantize.rows import qmax_for
 
 MAGIC = b"PGQZ"
 VERSION = 2  # 2: the body header carries "meta" (the artifact describes its model)
+STREAMS_VERSION = 3  # 3: the body is stored as separately compressed streams (the grouped layout)
 PREFIX = struct.Struct("<4sHBBQQ")  # magic, version, compressor id, reserved, body len, comp len
 HEADER_BYTES = PREFIX.size + 32
 COMPRESSORS = {"zlib": 1, "lzma": 2, "zstd": 3, "brotli": 4}
 COMPRESSOR_NAMES = {v: k for k, v in COMPRESSORS.items()}
-ROLE_ORDER = ("q", "scale", "data", "lr_a", "lr_b")
+STREAMS_ID = 5
+STREAM_RECORD = struct.Struct("<BQQ")  # compressor id, raw length, compressed length
+# new roles go at the end: the payload order of existing artifacts stays byte-identical
+ROLE_ORDER = ("q", "scale", "data", "lr_a", "lr_b", "lr_a_scale", "lr_b_scale", "hi_start", "hi_q", "hi_scale",
+              "perm")
 LAYOUTS = ("int8", "packed")
+GROUPED = "grouped"  # not in LAYOUTS: `auto` keeps meaning int8 + packed; choose(..., groups=True) adds it
+SIGNED_PACKED_ROLES = ("lr_a", "lr_b")  # LQER factors: INT2 / INT4 as "s<b>"
+MIN_GROUP_BYTES = 4096  # grouped layout: smaller q roles ride in the "rest" segment
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 
@@ -78,12 +104,42 @@ class Entry:
         return sum(t.numel() * t.element_size() for t in self.parts.values())
 
 
+def hi_mask(parts: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
+    """Boolean column mask of an entry's AWQ-lite groups."""
+    starts = parts["hi_start"].to(torch.int64).flatten().tolist()
+    g = parts["hi_q"].shape[1] // max(len(starts), 1)
+    if any(st < 0 or st + g > cols for st in starts) or g * len(starts) != parts["hi_q"].shape[1]:
+        raise ArtifactError(f"AWQ groups {starts} (+{g}) do not fit {cols} columns; the file is corrupted")
+    mask = column_mask(cols, starts, g)
+    if int(mask.sum()) != parts["hi_q"].shape[1]:
+        raise ArtifactError(f"AWQ groups {starts} overlap; the file is corrupted")
+    return mask
+
+
+def lowrank_delta(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A @ B of a stored low-rank correction (fp16 factors, or LQER's asymmetric INT2/INT4 packing)."""
+    a, b = parts["lr_a"].float(), parts["lr_b"].float()
+    if "lr_a_scale" in parts:
+        a = a * parts["lr_a_scale"].float()
+        sb = parts["lr_b_scale"].float().flatten()
+        b = (b.reshape(sb.numel(), -1) * sb.unsqueeze(1)).reshape(parts["lr_b"].shape)
+    return a @ b
+
+
 def dequantize_entry(e: Entry) -> torch.Tensor:
     """The tensor an entry stands for (float32 for float originals, the original dtype otherwise)."""
     if e.kind == "quant":
         w = e.parts["q"].float() * e.parts["scale"].float().unsqueeze(1)
+        if "hi_q" in e.parts:
+            rows = e.shape[0]
+            cols = int(np.prod(e.shape[1:]))
+            mask = hi_mask(e.parts, cols)
+            full = torch.empty(rows, cols, dtype=torch.float32)
+            full[:, ~mask] = w
+            full[:, mask] = e.parts["hi_q"].float() * e.parts["hi_scale"].float().unsqueeze(1)
+            w = full
         if "lr_a" in e.parts:
-            w = w + e.parts["lr_a"].float() @ e.parts["lr_b"].float()
+            w = w + lowrank_delta(e.parts)
         return w.reshape(e.shape)
     if e.kind == "fp16":
         return e.parts["data"].float().reshape(e.shape)
@@ -140,19 +196,45 @@ def decompress(name: str, data: bytes, size: int) -> bytes:
 # body encoding
 
 
-def pack_bits(q: torch.Tensor, bits: int) -> bytes:
-    """q in [-qmax, qmax] -> (q + qmax) as `bits`-bit fields, MSB first, zero-padded to a byte."""
-    u = (q.flatten().to(torch.int16) + qmax_for(bits)).numpy().astype(np.uint8)
-    fields = np.unpackbits(u[:, None], axis=1)[:, 8 - bits :]
+def _pack_fields(u: np.ndarray, bits: int) -> bytes:
+    """uint8 values < 2^bits as `bits`-bit fields, MSB first, zero-padded to a byte."""
+    fields = np.unpackbits(u.astype(np.uint8)[:, None], axis=1)[:, 8 - bits :]
     return np.packbits(fields.reshape(-1)).tobytes()
 
 
-def unpack_bits(buf: bytes, bits: int, numel: int) -> torch.Tensor:
-    stream = np.unpackbits(np.frombuffer(buf, dtype=np.uint8))[: numel * bits].reshape(numel, bits)
+def _unpack_fields(buf: bytes, bits: int, numel: int) -> np.ndarray:
+    stream = np.unpackbits(np.frombuffer(buf, dtype=np.uint8))[: numel * bits]
+    if stream.size != numel * bits:
+        raise ArtifactError(f"packed part holds fewer than {numel} {bits}-bit values; the file is corrupted")
     full = np.zeros((numel, 8), dtype=np.uint8)
-    full[:, 8 - bits :] = stream
-    u = np.packbits(full, axis=1).reshape(numel).astype(np.int16)
-    return torch.from_numpy(u - qmax_for(bits)).to(torch.int8)
+    full[:, 8 - bits :] = stream.reshape(numel, bits)
+    return np.packbits(full, axis=1).reshape(numel).astype(np.int16)
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> bytes:
+    """q in [-qmax, qmax] -> (q + qmax) as `bits`-bit fields, MSB first, zero-padded to a byte."""
+    return _pack_fields((q.flatten().to(torch.int16) + qmax_for(bits)).numpy(), bits)
+
+
+def unpack_bits(buf: bytes, bits: int, numel: int) -> torch.Tensor:
+    return torch.from_numpy(_unpack_fields(buf, bits, numel) - qmax_for(bits)).to(torch.int8)
+
+
+def signed_width(t: torch.Tensor) -> int:
+    """The fewest bits (>= 2) whose signed range [-2^(b-1), 2^(b-1) - 1] holds every value of t."""
+    lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
+    b = 2
+    while b < 8 and not (-(1 << (b - 1)) <= lo and hi <= (1 << (b - 1)) - 1):
+        b += 1
+    return b
+
+
+def pack_signed(t: torch.Tensor, bits: int) -> bytes:
+    return _pack_fields((t.flatten().to(torch.int16) + (1 << (bits - 1))).numpy(), bits)
+
+
+def unpack_signed(buf: bytes, bits: int, numel: int) -> torch.Tensor:
+    return torch.from_numpy(_unpack_fields(buf, bits, numel) - (1 << (bits - 1))).to(torch.int8)
 
 
 def _encode_part(role: str, t: torch.Tensor, bits: int, layout: str) -> tuple[str, bytes]:
@@ -160,6 +242,13 @@ def _encode_part(role: str, t: torch.Tensor, bits: int, layout: str) -> tuple[st
     if role == "q":
         if layout == "packed" and bits < 8:
             return f"u{bits}", pack_bits(t, bits)
+        if layout == GROUPED and t.ndim == 2:
+            return "i8t", t.T.contiguous().to(torch.int8).numpy().tobytes()
+        return "i8", t.to(torch.int8).numpy().tobytes()
+    if role in SIGNED_PACKED_ROLES and t.dtype == torch.int8:
+        b = signed_width(t)
+        return (f"s{b}", pack_signed(t, b)) if b < 8 else ("i8", t.numpy().tobytes())
+    if role == "hi_q":
         return "i8", t.to(torch.int8).numpy().tobytes()
     if t.dtype == torch.float16:
         return "f16", t.numpy().tobytes()
@@ -171,8 +260,14 @@ def _decode_part(enc: str, buf: bytes, shape: list[int]) -> torch.Tensor:
     numel = int(np.prod(shape)) if shape else 1
     if enc == "i8":
         arr = np.frombuffer(buf, dtype=np.int8)
+    elif enc == "i8t" and len(shape) == 2:
+        arr = np.frombuffer(buf, dtype=np.int8)
+        if arr.size == numel:
+            arr = arr.reshape(shape[1], shape[0]).T
     elif enc.startswith("u"):
         return unpack_bits(buf, int(enc[1:]), numel).reshape(shape)
+    elif enc.startswith("s") and enc[1:].isdigit():
+        return unpack_signed(buf, int(enc[1:]), numel).reshape(shape)
     elif enc == "f16":
         arr = np.frombuffer(buf, dtype=np.float16)
     elif enc.startswith("np:"):
@@ -185,39 +280,75 @@ def _decode_part(enc: str, buf: bytes, shape: list[int]) -> torch.Tensor:
 
 
 def encode_body(entries: list[Entry], layout: str = "int8", meta: dict | None = None) -> bytes:
+    return b"".join(seg for _, seg in encode_segments(entries, layout, meta))
+
+
+def _grouped_parts(e: Entry, sort_roles: tuple[str, ...], device) -> dict[str, torch.Tensor]:
+    """The parts as the grouped layout stores them: q rows in similarity order, plus that order."""
+    parts = dict(e.parts)
+    q = parts.get("q")
+    if q is not None and q.ndim == 2 and q.shape[0] > 2 and G.role_matches(e.name, sort_roles):
+        order = G.similarity_order(q.to(device))
+        parts["q"] = G.apply_order(q, order)
+        parts["perm"] = torch.from_numpy(order)
+    return parts
+
+
+def encode_segments(entries: list[Entry], layout: str = "int8", meta: dict | None = None,
+                    sort_roles: tuple[str, ...] = (), sort_device: str | torch.device = "cpu") -> list[tuple[str, bytes]]:
+    """The body as consecutive (label, bytes) segments: one for int8/packed; for `grouped`, the header
+    with every part but q ("rest"), then one segment per q role across layers (labelled by the role)."""
     entries = sorted(entries, key=lambda e: e.name)
+    stored = [_grouped_parts(e, sort_roles, sort_device) if layout == GROUPED else e.parts for e in entries]
     encoded: dict[tuple[int, str], tuple[str, bytes]] = {}
-    for i, e in enumerate(entries):
-        for role, t in e.parts.items():
+    for i, (e, parts) in enumerate(zip(entries, stored)):
+        for role, t in parts.items():
             if role not in ROLE_ORDER:
                 raise ValueError(f"unknown part role {role!r}")
             encoded[(i, role)] = _encode_part(role, t, e.bits, layout)
+    if layout == GROUPED:
+        by_role: dict[str, list[tuple[int, int]]] = {}
+        for i, e in enumerate(entries):
+            if (i, "q") in encoded:
+                role, layer = G.role_and_layer(e.name)
+                by_role.setdefault(role, []).append((layer, i))
+        # a role too small to be worth a stream of its own (e.g. the int8 gates) stays in the rest
+        small = {r for r, items in by_role.items() if sum(len(encoded[(i, "q")][1]) for _, i in items) < MIN_GROUP_BYTES}
+        runs = [[(i, role) for role in ROLE_ORDER if role != "q" for i in range(len(entries)) if (i, role) in encoded]
+                + [(i, "q") for r in sorted(small) for _, i in sorted(by_role[r])]]
+        big = sorted(set(by_role) - small)
+        runs += [[(i, "q") for _, i in sorted(by_role[role])] for role in big]
+        labels = ["rest", *big]
+    else:
+        runs = [[(i, role) for role in ROLE_ORDER for i in range(len(entries)) if (i, role) in encoded]]
+        labels = ["body"]
     offsets: dict[tuple[int, str], tuple[int, int]] = {}
-    chunks: list[bytes] = []
+    segments: list[list[bytes]] = []
     pos = 0
-    for role in ROLE_ORDER:
-        for i in range(len(entries)):
-            if (i, role) in encoded:
-                buf = encoded[(i, role)][1]
-                offsets[(i, role)] = (pos, len(buf))
-                chunks.append(buf)
-                pos += len(buf)
+    for run in runs:
+        segments.append([])
+        for key in run:
+            buf = encoded[key][1]
+            offsets[key] = (pos, len(buf))
+            segments[-1].append(buf)
+            pos += len(buf)
     table = []
-    for i, e in enumerate(entries):
-        parts = []
+    for i, (e, parts) in enumerate(zip(entries, stored)):
+        listed = []
         for role in ROLE_ORDER:
-            if role in e.parts:
+            if role in parts:
                 off, n = offsets[(i, role)]
-                enc = encoded[(i, role)][0]
-                parts.append({"role": role, "enc": enc, "shape": list(e.parts[role].shape),
-                              "offset": off, "nbytes": n})
-        item = {"name": e.name, "kind": e.kind, "shape": list(e.shape), "dtype": e.dtype, "parts": parts}
+                listed.append({"role": role, "enc": encoded[(i, role)][0], "shape": list(parts[role].shape),
+                               "offset": off, "nbytes": n})
+        item = {"name": e.name, "kind": e.kind, "shape": list(e.shape), "dtype": e.dtype, "parts": listed}
         if e.kind == "quant":
             item["bits"] = e.bits
         table.append(item)
     head = {"layout": layout, "tensors": table, **({"meta": meta} if meta else {})}
     header = json.dumps(head, sort_keys=True, separators=(",", ":")).encode()
-    return struct.pack("<I", len(header)) + header + b"".join(chunks)
+    out = [b"".join(seg) for seg in segments]
+    out[0] = struct.pack("<I", len(header)) + header + out[0]
+    return list(zip(labels, out))
 
 
 def decode_body(body: bytes) -> tuple[list[Entry], dict]:
@@ -234,6 +365,12 @@ def decode_body(body: bytes) -> tuple[list[Entry], dict]:
                 if off < 0 or off + nb > len(payload):
                     raise ArtifactError(f"artifact part of {item['name']} lies outside the payload; the file is corrupted")
                 parts[p["role"]] = _decode_part(p["enc"], bytes(payload[off : off + nb]), p["shape"])
+            if "perm" in parts:  # grouped layout: q was stored in similarity order
+                order = parts.pop("perm").numpy()
+                try:
+                    parts["q"] = G.undo_order(parts["q"], order)
+                except (KeyError, ValueError, IndexError):
+                    raise ArtifactError(f"row order of {item['name']} is not a permutation; the file is corrupted") from None
             out.append(Entry(name=item["name"], kind=item["kind"], shape=tuple(item["shape"]),
                              dtype=item["dtype"], parts=parts, bits=int(item.get("bits", 0))))
         meta = header.get("meta") or {}
@@ -256,6 +393,47 @@ def frame(body: bytes, compressor: str, compressed: bytes | None = None) -> byte
     return prefix + hashlib.sha256(prefix + comp).digest() + comp
 
 
+def frame_streams(streams: list[tuple[str, int, bytes]]) -> bytes:
+    """A format-3 file from (compressor name, raw length, compressed bytes) per body segment."""
+    comp = struct.pack("<I", len(streams))
+    comp += b"".join(STREAM_RECORD.pack(COMPRESSORS[n], raw, len(c)) for n, raw, c in streams)
+    comp += b"".join(c for _, _, c in streams)
+    body_len = sum(raw for _, raw, _ in streams)
+    prefix = PREFIX.pack(MAGIC, STREAMS_VERSION, STREAMS_ID, 0, body_len, len(comp))
+    return prefix + hashlib.sha256(prefix + comp).digest() + comp
+
+
+def _decompress_checked(name: str, data: bytes, size: int, where: str) -> bytes:
+    try:
+        out = decompress(name, data, size)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # zlib.error, lzma.LZMAError, zstd.ZstdError, brotli.error
+        raise ArtifactError(f"{where} does not decompress with {name} ({type(exc).__name__}); the file is corrupted") from None
+    if len(out) != size:
+        raise ArtifactError(f"{where} decompresses to {len(out):,} B, its header says {size:,}; the file is corrupted")
+    return out
+
+
+def _unstream(comp: bytes, body_len: int, where: str) -> tuple[bytes, str]:
+    try:
+        (n,) = struct.unpack_from("<I", comp, 0)
+        recs = [STREAM_RECORD.unpack_from(comp, 4 + i * STREAM_RECORD.size) for i in range(n)]
+    except struct.error:
+        raise ArtifactError(f"{where}: stream table is truncated; the file is corrupted") from None
+    pos = 4 + n * STREAM_RECORD.size
+    if pos + sum(r[2] for r in recs) != len(comp) or sum(r[1] for r in recs) != body_len:
+        raise ArtifactError(f"{where}: stream lengths do not add up to the file; the file is corrupted")
+    parts, names = [], []
+    for i, (cid, raw, clen) in enumerate(recs):
+        if cid not in COMPRESSOR_NAMES:
+            raise ArtifactError(f"{where}: stream {i} names unknown compressor id {cid}; the file is corrupted")
+        names.append(COMPRESSOR_NAMES[cid])
+        parts.append(_decompress_checked(names[-1], comp[pos : pos + clen], raw, f"{where} stream {i}"))
+        pos += clen
+    return b"".join(parts), "per-group(" + ",".join(names) + ")"
+
+
 def unframe(blob: bytes, where: str = "artifact") -> tuple[bytes, str]:
     """(body, compressor name) or a one-line ArtifactError."""
     if len(blob) < HEADER_BYTES:
@@ -263,10 +441,11 @@ def unframe(blob: bytes, where: str = "artifact") -> tuple[bytes, str]:
     magic, version, cid, _, body_len, comp_len = PREFIX.unpack_from(blob, 0)
     if magic != MAGIC:
         raise ArtifactError(f"{where} does not start with {MAGIC!r} (found {magic!r}); not a pgolf artifact")
-    if version != VERSION:
-        raise ArtifactError(f"{where} has format version {version}, this pgolf reads {VERSION}; use a matching pgolf")
-    if cid not in COMPRESSOR_NAMES:
-        raise ArtifactError(f"{where} names unknown compressor id {cid}; the file is corrupted")
+    if version not in (VERSION, STREAMS_VERSION):
+        raise ArtifactError(f"{where} has format version {version}, this pgolf reads {VERSION} and "
+                            f"{STREAMS_VERSION}; use a matching pgolf")
+    if (cid == STREAMS_ID) != (version == STREAMS_VERSION) or (cid != STREAMS_ID and cid not in COMPRESSOR_NAMES):
+        raise ArtifactError(f"{where} names unknown compressor id {cid} for format {version}; the file is corrupted")
     comp = blob[HEADER_BYTES:]
     if len(comp) != comp_len:
         raise ArtifactError(
@@ -275,16 +454,10 @@ def unframe(blob: bytes, where: str = "artifact") -> tuple[bytes, str]:
         )
     if hashlib.sha256(blob[: PREFIX.size] + comp).digest() != blob[PREFIX.size : HEADER_BYTES]:
         raise ArtifactError(f"{where} fails its sha256 check; the file is corrupted, re-copy or re-quantize it")
+    if cid == STREAMS_ID:
+        return _unstream(comp, body_len, where)
     name = COMPRESSOR_NAMES[cid]
-    try:
-        body = decompress(name, comp, body_len)
-    except ArtifactError:
-        raise
-    except Exception as exc:  # zlib.error, lzma.LZMAError, zstd.ZstdError, brotli.error
-        raise ArtifactError(f"{where} does not decompress with {name} ({type(exc).__name__}); the file is corrupted") from None
-    if len(body) != body_len:
-        raise ArtifactError(f"{where} decompresses to {len(body):,} B, its header says {body_len:,}; the file is corrupted")
-    return body, name
+    return _decompress_checked(name, comp, body_len, where), name
 
 
 # Compressor selection. brotli holds the GIL, so threads ran the 4 compressors x 2 layouts one after
@@ -358,13 +531,39 @@ def compress_parallel(jobs: list[tuple[str, bytes]], workers: int) -> list[bytes
     return [r for r in results if r is not None]
 
 
+def _probe_skips(pieces: dict[str, bytes], contests: list[list[tuple[str, str]]],
+                 workers: int) -> dict[tuple[str, str], float]:
+    """{(piece, compressor): estimate / best estimate} of the candidates not worth compressing in full.
+
+    A contest is a list of (piece, compressor) candidates of which one will be kept; one with two or
+    more candidates and a piece of PROBE_MIN_BYTES or more is probed: each candidate compresses the
+    same sample of its piece, and those whose size scaled to the piece is beyond PROBE_MARGIN of the
+    contest's best estimate are skipped."""
+    probed = [c for c in contests if len(c) > 1 and max(len(pieces[k]) for k, _ in c) >= PROBE_MIN_BYTES]
+    if not probed:
+        return {}
+    samples = {k: _probe_sample(pieces[k]) for c in probed for k, _ in c}
+    jobs = [job for c in probed for job in c]
+    probes = compress_parallel([(n, samples[k]) for k, n in jobs], workers)
+    est = {job: len(c) * len(pieces[job[0]]) / len(samples[job[0]]) for job, c in zip(jobs, probes)}
+    out = {}
+    for c in probed:
+        best = min(est[job] for job in c)
+        out.update({job: round(est[job] / best, 4) for job in c if est[job] > best * (1 + PROBE_MARGIN)})
+    return out
+
+
 def choose(entries: list[Entry], compressor: str = "auto", layout: str = "auto",
-           meta: dict | None = None, workers: int | None = None) -> tuple[bytes, dict]:
+           meta: dict | None = None, workers: int | None = None, groups: bool = False,
+           sort_roles: tuple[str, ...] = (), sort_device: str | torch.device = "cpu") -> tuple[bytes, dict]:
     """The smallest framed artifact over the allowed compressors and q layouts, and every size tried.
 
-    `workers`: compression processes (default: one per CPU, serial for bodies under 256 KiB). The info
-    dict has the full sizes (`candidates`), the probe's verdict on the others (`skipped`: estimated
-    size / best estimate) and the compression wall time (`compress_seconds`)."""
+    With `groups`, the grouped layout competes too: each of its segments is compressed by every
+    allowed compressor and keeps the smallest (a format-3 file of streams; rows of `sort_roles`
+    similarity-sorted on `sort_device`). `workers`: compression processes (default: one per CPU,
+    serial for bodies under 256 KiB). The info dict has the full sizes (`candidates`), the probe's
+    verdict on the others (`skipped`: estimated size / best estimate), the compression wall time
+    (`compress_seconds`, similarity sort included) and, with groups, each segment's choice (`groups`)."""
     import time
 
     t0 = time.perf_counter()
@@ -374,27 +573,42 @@ def choose(entries: list[Entry], compressor: str = "auto", layout: str = "auto",
         layouts = layouts[:1]  # packing changes nothing when no integer is narrower than 8 bits
     for n in names:  # fail before any work when a library is missing
         compress(n, b"")
-    bodies = {lay: encode_body(entries, lay, meta) for lay in layouts}
-    jobs = [(lay, n) for lay in layouts for n in names]
+    pieces = {lay: encode_body(entries, lay, meta) for lay in layouts}
+    segments = encode_segments(entries, GROUPED, meta, sort_roles, sort_device) if groups else []
+    pieces.update({f"{GROUPED}:{label}": seg for label, seg in segments})
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = cores if max(len(b) for b in bodies.values()) >= 256 << 10 else 1
-    skipped: dict[str, float] = {}
-    if len(jobs) > 1 and max(len(b) for b in bodies.values()) >= PROBE_MIN_BYTES:
-        samples = {lay: _probe_sample(body) for lay, body in bodies.items()}
-        probes = compress_parallel([(n, samples[lay]) for lay, n in jobs], workers)
-        est = [len(c) * len(bodies[lay]) / len(samples[lay]) for (lay, _), c in zip(jobs, probes)]
-        best_est = min(est)
-        skipped = {f"{lay}+{n}": round(e / best_est, 4) for (lay, n), e in zip(jobs, est)
-                   if e > best_est * (1 + PROBE_MARGIN)}
-        jobs = [(lay, n) for lay, n in jobs if f"{lay}+{n}" not in skipped]
-    results = compress_parallel([(n, bodies[lay]) for lay, n in jobs], workers)
-    sizes = {f"{lay}+{n}": len(c) + HEADER_BYTES for (lay, n), c in zip(jobs, results)}
-    best = min(range(len(jobs)), key=lambda i: (len(results[i]), i))  # ties: first in the fixed order
-    lay, n = jobs[best]
-    blob = frame(bodies[lay], n, results[best])
-    return blob, {"compressor": n, "layout": lay, "body_bytes": len(bodies[lay]), "candidates": sizes,
-                  "skipped": skipped, "workers": workers, "compress_seconds": round(time.perf_counter() - t0, 3)}
+        workers = cores if max(len(b) for b in pieces.values()) >= 256 << 10 else 1
+    contests = [[(lay, n) for lay in layouts for n in names]]
+    contests += [[(f"{GROUPED}:{label}", n) for n in names] for label, _ in segments]
+    skips = _probe_skips(pieces, contests, workers)
+    jobs = [job for c in contests for job in c if job not in skips]
+    results = dict(zip(jobs, compress_parallel([(n, pieces[k]) for k, n in jobs], workers)))
+    sizes = {f"{lay}+{n}": len(results[(lay, n)]) + HEADER_BYTES for lay in layouts for n in names if (lay, n) in results}
+    best = min(((lay, n) for lay in layouts for n in names if (lay, n) in results),
+               key=lambda j: len(results[j]))  # ties: first in the fixed order
+    blob = frame(pieces[best[0]], best[1], results[best])
+    info = {"compressor": best[1], "layout": best[0], "body_bytes": len(pieces[best[0]])}
+    skipped = {f"{k}+{n}": v for (k, n), v in skips.items() if not k.startswith(GROUPED)}
+    group_info = []
+    if segments:
+        streams = []
+        for label, seg in segments:
+            k = f"{GROUPED}:{label}"
+            n = min((n for n in names if (k, n) in results), key=lambda n: len(results[(k, n)]))
+            streams.append((n, len(seg), results[(k, n)]))
+            group_info.append({"segment": label, "raw_bytes": len(seg), "compressor": n, "bytes": len(results[(k, n)]),
+                               "candidates": {m: len(results[(k, m)]) for m in names if (k, m) in results},
+                               "skipped": {m: v for (kk, m), v in skips.items() if kk == k}})
+        grouped = frame_streams(streams)
+        sizes[f"{GROUPED}+per-group"] = len(grouped)
+        if len(grouped) < len(blob):
+            blob = grouped
+            info = {"compressor": "per-group", "layout": GROUPED, "body_bytes": sum(len(s) for _, s in segments)}
+    info.update(candidates=sizes, skipped=skipped, workers=workers, compress_seconds=round(time.perf_counter() - t0, 3))
+    if segments:
+        info["groups"] = group_info
+    return blob, info
 
 
 @dataclass

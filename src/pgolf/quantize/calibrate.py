@@ -74,23 +74,49 @@ def _dist():
     return None
 
 
-class HessianHooks:
-    """Forward pre-hooks that add x^T x of each target's input into fp32 accumulators."""
+def head_input_module(model: nn.Module) -> nn.Module | None:
+    """The module whose OUTPUT is the tied head's input: a `final_norm` module (#1855's name), if any.
 
-    def __init__(self, targets: dict[str, nn.Linear]):
+    The tied embedding's GPTQ Hessian (EMBED_GPTQ) is E[x^T x] of that output; a model that applies
+    its final norm as a bare function has no hook point, and its embedding falls back to RTN."""
+    m = getattr(_unwrap(model), "final_norm", None)
+    return m if isinstance(m, nn.Module) else None
+
+
+class HessianHooks:
+    """Forward hooks that add x^T x into fp32 accumulators: x = each target's input, or for `outputs`
+    (key -> module) each module's output."""
+
+    def __init__(self, targets: dict[str, nn.Linear], outputs: dict[str, tuple[nn.Module, int]] | None = None,
+                 device: torch.device | str = "cpu"):
         self.h: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
         self.handles = []
         for key, m in targets.items():
-            self.h[key] = torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=m.weight.device)
-            self.rows[key] = 0
+            self._accumulator(key, m.in_features, m.weight.device)
             self.handles.append(m.register_forward_pre_hook(self._hook(key)))
+        for key, (m, width) in (outputs or {}).items():
+            self._accumulator(key, width, device)
+            self.handles.append(m.register_forward_hook(self._out_hook(key)))
+
+    def _accumulator(self, key: str, width: int, device) -> None:
+        self.h[key] = torch.zeros(width, width, dtype=torch.float32, device=device)
+        self.rows[key] = 0
+
+    def _add(self, key: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.h[key].addmm_(x.T, x)
+        self.rows[key] += x.shape[0]
 
     def _hook(self, key: str):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            self.h[key].addmm_(x.T, x)
-            self.rows[key] += x.shape[0]
+            self._add(key, args[0])
+
+        return hook
+
+    def _out_hook(self, key: str):
+        def hook(module, args, out):
+            self._add(key, out)
 
         return hook
 
@@ -217,7 +243,11 @@ def calibrate_checkpoint(cfg, checkpoint: Path, hessians_path: Path, model: nn.M
     else:
         batches = train_batches(cfg, rank, world)
 
-    hooks = HessianHooks(targets)
+    outputs = {}
+    head = head_input_module(model) if q.embed_gptq and cfg.model.tie_embeddings else None
+    if head is not None and targets:
+        outputs["tok_emb.weight"] = (head, cfg.model.model_dim)
+    hooks = HessianHooks(targets, outputs, device)
     tokens = 0
     micro = max(1, cfg.train.micro_batch_seqs)
     try:

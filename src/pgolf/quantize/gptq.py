@@ -60,11 +60,16 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = True,
     keep: torch.Tensor | None = None,
+    hi_cols: torch.Tensor | None = None,
+    hi_scale16: torch.Tensor | None = None,
+    hi_bits: int = 8,
 ) -> GPTQOutput:
     """Integers q (int8) for W (rows x cols) under fixed fp16 row scales, minimising the output error.
 
     `keep` (bool, same shape as W) forces q = 0 where False (magnitude pruning), with the error of
-    the zeroed weights compensated like any rounding error.
+    the zeroed weights compensated like any rounding error. `hi_cols` (bool, one per column) marks
+    columns quantized at `hi_bits` with the row scales `hi_scale16` inside the same solve (AWQ-lite):
+    their rounding error is spread over the later columns like any other.
     """
     rows, cols = w.shape
     if h.shape != (cols, cols):
@@ -81,6 +86,7 @@ def gptq_quantize(
         H[dead, dead] = 1.0
         W[:, dead] = 0.0
 
+    hi = None if hi_cols is None or not bool(hi_cols.any()) else hi_cols.to(device).clone()
     perm = None
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True)
@@ -88,12 +94,17 @@ def gptq_quantize(
         H = H[perm][:, perm]
         if K is not None:
             K = K[:, perm]
+        if hi is not None:
+            hi = hi[perm]
 
     U64, used = _upper_inverse_factor(H, damp)
     U = U64.float()
     del H, U64
 
     s = scale16.float().to(device)
+    s_hi = None if hi is None else hi_scale16.float().to(device)
+    qm_hi = qmax_for(hi_bits)
+    hi_list = None if hi is None else hi.tolist()
     Q = torch.zeros(rows, cols, dtype=torch.int8, device=device)
     for b0 in range(0, cols, block_size):
         b1 = min(b0 + block_size, cols)
@@ -102,11 +113,12 @@ def gptq_quantize(
         U1 = U[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = W1[:, i]
-            q = torch.clamp(torch.round(col / s), -qm, qm)
+            sc, m = (s_hi, qm_hi) if hi_list is not None and hi_list[b0 + i] else (s, qm)
+            q = torch.clamp(torch.round(col / sc), -m, m)
             if K is not None:
                 q = q * K[:, b0 + i]
             Q[:, b0 + i] = q.to(torch.int8)
-            err = (col - q * s) / U1[i, i]
+            err = (col - q * sc) / U1[i, i]
             W1[:, i + 1 :] -= err.unsqueeze(1) * U1[i, i + 1 :].unsqueeze(0)
             E1[:, i] = err
         if b1 < cols:

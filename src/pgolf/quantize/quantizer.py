@@ -2,20 +2,27 @@
 
 Routing of state-dict tensors (technique-spec §4.1/§4.2):
   * non-float                                   -> raw bytes, original dtype;
+  * float 2-D matching INT8_ROW_TENSORS         -> int8 per row, scale rowmax/127 (#1855's gates);
   * float with <= PASSTHROUGH_MAX_NUMEL entries,
     or fewer than 2 dims                        -> fp16 passthrough;
   * nn.Linear weights (the "matrices")          -> MATRIX_BITS, GPTQ with the calibration Hessian
                                                    (QUANT_METHOD=gptq) or round-to-nearest (rtn),
-                                                   row scales by ROW_CLIP; optional pruning and a
-                                                   low-rank correction of the worst tensors;
+                                                   row scales by ROW_CLIP (SDClip sigmas per role:
+                                                   MLP_/ATTN_CLIP_SIGMAS, else SDCLIP_K); optional
+                                                   pruning and AWQ-lite groups;
+  * the tied embedding with EMBED_GPTQ and a
+    Hessian (the head's input)                  -> EMBED_BITS through GPTQ, EMBED_CLIP rule;
   * other large 2-D tensors (tied embedding,
-    BigramHash table)                           -> EMBED_BITS per row, percentile clip, RTN.
-GPTQ without a Hessian for a tensor falls back to clip-search RTN for that tensor, and the report
-says so (row note + "fallbacks").
+    BigramHash table)                           -> EMBED_BITS per row, RTN, percentile clip or
+                                                   SDClip (EMBED_CLIP, EMBED_CLIP_SIGMAS).
+Then the LOWRANK_TENSORS GPTQ/matrix tensors with the largest error get a rank-LOWRANK_RANK
+correction (pgolf.quantize.lowrank). GPTQ without a Hessian for a tensor falls back to clip-search
+RTN for that tensor, and the report says so (row note + "fallbacks").
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -26,8 +33,10 @@ import torch
 from pgolf.errors import ArtifactError, BudgetError
 from pgolf.quantize import rows as R
 from pgolf.fileio import atomic_write_bytes
+from pgolf.quantize import awq, lowrank
 from pgolf.quantize.artifact import Entry, choose, dequantize_entry
 from pgolf.quantize.gptq import gptq_quantize, output_error
+from pgolf.quantize.groups import parse_roles
 from pgolf.quantize.meta import describe
 from pgolf.quantize.report import CODE_SOURCE_GIVEN, TensorRow, report_json, summary_lines
 
@@ -69,25 +78,43 @@ def _rel(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     return float((w.float() - w_hat.float()).norm()) / den if den > 0 else 0.0
 
 
-def _quant_matrix(name, w2, qcfg, h, device, fallbacks):
-    """(Entry parts, method, note, pruned fraction) for one nn.Linear weight (2-D float32 on device)."""
-    bits = qcfg.matrix_bits
+def clip_sigmas(name: str, qcfg) -> float:
+    """SDClip k of a tensor by role (#1855): tied embedding, MLP, attention, else SDCLIP_K."""
+    dotted = f".{name}"
+    if name.startswith("tok_emb."):
+        k = qcfg.embed_clip_sigmas
+    elif ".mlp." in dotted:
+        k = qcfg.mlp_clip_sigmas
+    elif ".attn." in dotted:
+        k = qcfg.attn_clip_sigmas
+    else:
+        k = 0.0
+    return k or qcfg.sdclip_k
+
+
+def _quant_gptq(name, w2, qcfg, h, device, fallbacks, bits, rule, awq_starts):
+    """(parts, method, note, pruned) for one tensor on the GPTQ path (2-D float32 on device)."""
     keep = R.magnitude_mask(w2, qcfg.prune_fraction)
     wk = w2 if keep is None else w2 * keep
     note = ""
     use_gptq = qcfg.quant_method == "gptq" and h is not None
-    rule = qcfg.row_clip
     if qcfg.quant_method == "gptq" and h is None:
         rule = "search"
         note = "no Hessian: clip-search RTN"
         fallbacks.append(f"{name}: no Hessian, quantized with clip-search RTN")
     col_weight = None if h is None else h.diagonal().to(device)
-    scale = R.row_scales(wk, bits, rule, sdclip_k=qcfg.sdclip_k, percentile=qcfg.embed_clip_percentile,
-                         col_weight=col_weight)
+    k = clip_sigmas(name, qcfg)
+    scale = R.row_scales(wk, bits, rule, sdclip_k=k, percentile=qcfg.embed_clip_percentile, col_weight=col_weight)
+    hi = None
+    if use_gptq and awq_starts:
+        hi = awq.column_mask(w2.shape[1], awq_starts, qcfg.awq_lite_group_size)
+        hi_scale = R.row_scales(wk, qcfg.awq_lite_bits, rule, sdclip_k=k, percentile=qcfg.embed_clip_percentile,
+                                col_weight=col_weight)
     if use_gptq:
         try:
             out = gptq_quantize(wk, h.to(device), scale, bits, block_size=qcfg.gptq_block_size,
-                                damp=qcfg.gptq_damp, act_order=qcfg.gptq_act_order, keep=keep)
+                                damp=qcfg.gptq_damp, act_order=qcfg.gptq_act_order, keep=keep,
+                                hi_cols=hi, hi_scale16=None if hi is None else hi_scale, hi_bits=qcfg.awq_lite_bits)
         except torch.linalg.LinAlgError as exc:
             raise ArtifactError(f"GPTQ failed on {name}: {exc}; raise GPTQ_DAMP or use QUANT_METHOD=rtn") from None
         q = out.q
@@ -104,7 +131,25 @@ def _quant_matrix(name, w2, qcfg, h, device, fallbacks):
             q = q * keep.to(torch.int8)
         method = f"rtn-{rule}"
     pruned = 0.0 if keep is None else float((~keep).float().mean())
-    return {"q": q.cpu(), "scale": scale.cpu()}, method, note, pruned
+    parts = {"q": q.cpu(), "scale": scale.cpu()}
+    if hi is not None:
+        hi = hi.to(q.device)
+        parts = {"q": q[:, ~hi].cpu().contiguous(), "scale": scale.cpu(),
+                 "hi_start": torch.tensor(awq_starts, dtype=torch.int32), "hi_q": q[:, hi].cpu().contiguous(),
+                 "hi_scale": hi_scale.cpu()}
+        note = "; ".join(x for x in (note, f"AWQ-lite: {int(hi.sum())} columns at int{qcfg.awq_lite_bits}") if x)
+    return parts, method, note, pruned
+
+
+def _int8_rows(w2: torch.Tensor) -> dict[str, torch.Tensor]:
+    """int8 per row with scale rowmax/127 (#1855's gate tensors)."""
+    scale = R.to_fp16_scale(w2.float().abs().amax(dim=1) / 127.0)
+    return {"q": R.rtn(w2, scale, 8).cpu(), "scale": scale.cpu()}
+
+
+def _gptq_bound(name: str, qcfg, matrix_keys: set[str], hessians: dict) -> bool:
+    """Whether a large float tensor takes the GPTQ path (matrices; the tied embedding with EMBED_GPTQ)."""
+    return name in matrix_keys or (qcfg.embed_gptq and name.startswith("tok_emb.") and name in hessians)
 
 
 def quantize_state_dict(
@@ -120,6 +165,18 @@ def quantize_state_dict(
     entries: list[Entry] = []
     rows: dict[str, TensorRow] = {}
     fallbacks: list[str] = []
+    int8_patterns = parse_roles(qcfg.int8_row_tensors)
+    large = {n for n, t in state.items() if t.is_floating_point() and t.ndim >= 2
+             and t.numel() > qcfg.passthrough_max_numel and not any(fnmatch.fnmatchcase(n, p) for p in int8_patterns)}
+    gptq_names = {n for n in large if _gptq_bound(n, qcfg, matrix_keys, hessians)}
+    awq_starts: dict[str, list[int]] = {}
+    if qcfg.awq_lite_enabled and qcfg.quant_method == "gptq":
+        cands = {}
+        for n in sorted(gptq_names):
+            bits = qcfg.matrix_bits if n in matrix_keys else qcfg.embed_bits
+            if n in hessians and bits < qcfg.awq_lite_bits:
+                cands[n] = (state[n].detach().float().reshape(state[n].shape[0], -1), hessians[n])
+        awq_starts = awq.select_groups(cands, qcfg.awq_lite_group_size, qcfg.awq_lite_group_top_k)
     for name in sorted(state):
         t = state[name].detach().cpu()
         shape = tuple(t.shape)
@@ -128,7 +185,12 @@ def quantize_state_dict(
             entries.append(e)
             rows[name] = TensorRow(name, list(shape), "raw", "raw", 0, e.payload_bytes(), 0.0)
             continue
-        if t.numel() <= qcfg.passthrough_max_numel or t.ndim < 2:
+        if t.ndim >= 2 and any(fnmatch.fnmatchcase(name, p) for p in int8_patterns):
+            e = Entry(name, "quant", shape, _dtype_name(t), _int8_rows(t.float().reshape(shape[0], -1)), bits=8)
+            entries.append(e)
+            rows[name] = TensorRow(name, list(shape), "quant", "int8-row", 8, 0, 0.0)
+            continue
+        if name not in large:
             half = t.half()
             if not torch.isfinite(half).all() and torch.isfinite(t).all():
                 raise ArtifactError(f"{name} has values beyond fp16 range (max |x| {float(t.abs().max()):.3g}); it cannot be passed through as fp16")
@@ -139,20 +201,30 @@ def quantize_state_dict(
             continue
         w2 = t.float().reshape(shape[0], -1).to(device)
         h = hessians.get(name)
-        if name in matrix_keys:
-            parts, method, note, pruned = _quant_matrix(name, w2, qcfg, h, device, fallbacks)
-            bits = qcfg.matrix_bits
+        if name in gptq_names:
+            bits = qcfg.matrix_bits if name in matrix_keys else qcfg.embed_bits
+            rule = qcfg.row_clip if name in matrix_keys else _embed_rule(qcfg)
+            parts, method, note, pruned = _quant_gptq(name, w2, qcfg, h, device, fallbacks, bits, rule,
+                                                      awq_starts.get(name))
         else:
             bits = qcfg.embed_bits
-            scale = R.percentile_scales(w2, bits, qcfg.embed_clip_percentile)
+            if qcfg.embed_clip == "sdclip":
+                scale = R.sdclip_scales(w2, bits, clip_sigmas(name, qcfg))
+                method = "embed-sdclip"
+            else:
+                scale = R.percentile_scales(w2, bits, qcfg.embed_clip_percentile)
+                method = "embed-percentile"
             parts = {"q": R.rtn(w2, scale, bits).cpu(), "scale": scale.cpu()}
-            method, note, pruned = "embed-percentile", "", 0.0
+            note, pruned = "", 0.0
+            if qcfg.embed_gptq and name.startswith("tok_emb."):
+                note = "no head-input Hessian: RTN"
+                fallbacks.append(f"{name}: no Hessian of the head's input (the model has no `final_norm` module), RTN")
         e = Entry(name, "quant", shape, _dtype_name(t), parts, bits=bits)
         entries.append(e)
         rows[name] = TensorRow(name, list(shape), "quant", method, bits, 0, 0.0, note=note, pruned=pruned)
 
     if qcfg.lowrank_rank > 0 and qcfg.lowrank_tensors > 0:
-        _add_lowrank(entries, state, matrix_keys, qcfg, rows, device)
+        _add_lowrank(entries, state, gptq_names, qcfg, rows, device)
 
     for e in entries:  # errors and sizes of the final (stored) tensors
         if e.kind != "quant":
@@ -168,22 +240,27 @@ def quantize_state_dict(
     return entries, [rows[e.name] for e in entries], fallbacks
 
 
-def _add_lowrank(entries, state, matrix_keys, qcfg, rows, device) -> None:
-    """Rank-k SVD of E = W - W_hat on the `lowrank_tensors` matrices with the largest ||E||_F (fp16 A, B)."""
+def _embed_rule(qcfg) -> str:
+    return "sdclip" if qcfg.embed_clip == "sdclip" else "percentile"
+
+
+def _add_lowrank(entries, state, candidates, qcfg, rows, device) -> None:
+    """Rank-k correction of E = W - W_hat on the `lowrank_tensors` GPTQ-path tensors with the largest
+    ||E||_F (pgolf.quantize.lowrank; fp16 or LQER's asymmetric INT2/INT4 factors)."""
     errs = []
     for e in entries:
-        if e.kind == "quant" and e.name in matrix_keys:
+        if e.kind == "quant" and e.name in candidates:
             w = state[e.name].detach().float().reshape(e.shape[0], -1)
             errs.append((float((w - dequantize_entry(e).reshape(w.shape)).norm()), e.name, e))
     errs.sort(key=lambda x: (-x[0], x[1]))
     for _, name, e in errs[: qcfg.lowrank_tensors]:
         w = state[name].detach().float().reshape(e.shape[0], -1).to(device)
         err = w - dequantize_entry(e).reshape(w.shape).to(device)
-        k = min(qcfg.lowrank_rank, *err.shape)
-        u, s, vh = torch.linalg.svd(err, full_matrices=False)
-        e.parts["lr_a"] = (u[:, :k] * s[:k]).half().cpu().contiguous()
-        e.parts["lr_b"] = vh[:k].half().cpu().contiguous()
-        rows[name].lowrank = k
+        parts = lowrank.correction_parts(err, qcfg.lowrank_rank, qcfg.lowrank_packing, qcfg.lowrank_group)
+        e.parts.update(parts)
+        rows[name].lowrank = int(parts["lr_a"].shape[1])
+        if qcfg.lowrank_packing == "asym":
+            rows[name].note = "; ".join(x for x in (rows[name].note, "LQER INT2/INT4") if x)
 
 
 def _load_hessians(path: Path | None) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -232,7 +309,8 @@ def quantize_checkpoint(
 
     device = resolve_device(cfg.train.device)
     entries, rows, fallbacks = quantize_state_dict(state, q, matrix_keys, hessians, device)
-    blob, info = choose(entries, q.compressor, q.q_layout, meta=meta)
+    blob, info = choose(entries, q.compressor, q.q_layout, meta=meta, groups=q.compress_groups,
+                        sort_roles=parse_roles(q.sort_rows), sort_device=device)
     atomic_write_bytes(Path(artifact_path), blob)
 
     model_bytes = len(blob)
@@ -257,6 +335,7 @@ def quantize_checkpoint(
         "skipped": info["skipped"],
         "compress_workers": info["workers"],
         "compress_seconds": info["compress_seconds"],
+        **({"groups": info["groups"]} if "groups" in info else {}),
         "payload_bytes": sum(r.payload_bytes for r in rows),
         "model_bytes": model_bytes,
         "code_bytes": code,

@@ -8,7 +8,8 @@ the error was measured on.
 Row-scale rules (QuantConfig.row_clip):
   search      try clip = r * max|row| for r in CLIP_RATIOS, keep per row the lowest squared
               reconstruction error (weighted by diag(H) per column when a Hessian is known);
-  sdclip      clip = k * std(row) (technique-spec §4.2, "SDClip"), k = QuantConfig.sdclip_k;
+  sdclip      clip = k * std(row) (technique-spec §4.2, "SDClip"), k per role (SDCLIP_K, MLP_/ATTN_/
+              EMBED_CLIP_SIGMAS);
   percentile  clip = the p-th percentile of |row| (the baseline's int8 rule, p = embed_clip_percentile).
 """
 
@@ -74,10 +75,14 @@ def search_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = 
 
 
 def sdclip_scales(w: torch.Tensor, bits: int, k: float) -> torch.Tensor:
-    """fp16 row scales k * std(row) / qmax (never beyond the row max: clipping nothing is enough)."""
+    """fp16 row scales k * std(row) / qmax, std with Bessel's correction (technique-spec §4.2 step 3).
+
+    With k = 11.5-14 this is usually far beyond the row max: the grid is deliberately coarser than
+    max-scaling, so the integers concentrate near 0 and compress well (#1855's trade of precision for
+    bytes). An earlier version capped k * std at the row max, which made SDClip max-scaling."""
     wf = w.float()
-    clip = torch.minimum(k * wf.std(dim=1, unbiased=False), wf.abs().amax(dim=1))
-    return to_fp16_scale(clip / qmax_for(bits))
+    std = wf.std(dim=1) if wf.shape[1] > 1 else wf.abs().amax(dim=1)
+    return to_fp16_scale(k * std / qmax_for(bits))
 
 
 def percentile_scales(w: torch.Tensor, bits: int, pct: float) -> torch.Tensor:
