@@ -18,11 +18,14 @@ Every figure is measured in this run, on the offline corpus (data/offline, built
      it), host-to-device copies of the scoring loop
   7. compression at full size (pgolf.perf): a seed-size int6 body drawn from the seed-plus artifact's own
      value distributions; the previous selection (threads) vs processes + probe, seconds and bytes
-
   8. evaluator extras (`--pieces evalx`, off by default): on one seed-plus artifact, sliding and TTT with
      the token-only n-gram tilt, AsymLogit and both, side by side with neither; sliding at an eval context
      1.25x the training context (2560/2048) with and without NTK RoPE; the tilt's precompute (tokens/s,
      peak memory) on real text at growing sizes, projected to the 47,851,520-token validation stream
+  9. frontier quantizer elements (`--pieces quantx`, off by default; PRs #1855, #1908, #2135) on the SAME
+     trained seed-plus weights: each element switched on alone (bytes and bpb change vs the configured
+     quantizer), then all of them; and the full-size (#1855 shapes, 35.9M parameters) artifact bytes
+     estimated from a synthetic body, seed quantizer vs frontier quantizer (pgolf.quantize.estimate)
 
 `--pieces quality,step,compress` picks pieces (quality = 1-5); `--pieces step,compress` runs in minutes.
 """
@@ -208,13 +211,37 @@ def loss_curve(metrics: Path) -> list[tuple[int, float]]:
 def quantizer(cfg, run_dir: Path) -> dict[str, Any]:
     from pgolf.quantize import compare_methods
 
-    rows = compare_methods(cfg, run_dir)
+    rows = compare_methods(cfg, run_dir, elements=False)
     fp32 = rows[0]["val_bpb"]
     naive = next(r for r in rows if "baseline" in r["method"])
     ours = next(r for r in rows if r["method"].startswith("configured"))
     return {"checkpoint": str(run_dir / "checkpoint" / "model.pt"), "fp32_val_bpb": fp32, "rows": rows,
             "naive": naive, "ours": ours,
             "bytes_ratio": ours["model_bytes"] / naive["model_bytes"] if naive["model_bytes"] else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. the frontier quantizer's elements
+
+
+def quant_elements(cfg, run_dir: Path, quick: bool) -> dict[str, Any]:
+    """Piece 9: compare_methods with the element rows on the bench's seed-plus run (trained here if the
+    quality pieces did not run), and the #1855-shape byte estimate for the seed and frontier quantizers."""
+    from dataclasses import replace
+
+    from pgolf.config import resolve
+    from pgolf.perf import trained_artifact
+    from pgolf.quantize.compare import ELEMENTS, compare_methods, with_deltas
+    from pgolf.quantize.estimate import estimate_artifact_bytes, pr1855_shapes
+
+    trained_artifact(cfg, run_dir)
+    rows = with_deltas(compare_methods(cfg, run_dir, elements=True))
+    fractions = (1 / 128, 1 / 64) if quick else (1 / 64, 1 / 32, 1 / 8)
+    seed = resolve("seed", env={}).quant  # full-size settings (the bench shape scales PASSTHROUGH_MAX_NUMEL)
+    frontier = replace(seed, **{k: v for el in ELEMENTS for k, v in el.on.items()}, int8_row_tensors="*.gate_w")
+    estimates = {name: estimate_artifact_bytes(pr1855_shapes(), q, fractions=fractions)
+                 for name, q in (("seed quantizer", seed), ("frontier quantizer", frontier))}
+    return {"checkpoint": str(run_dir / "checkpoint" / "model.pt"), "rows": rows, "estimates": estimates}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,6 +590,24 @@ def markdown(rep: dict[str, Any]) -> str:
               f"{pc['projected_s_linear']:.0f} s (linear) to {pc['projected_s_nlogn']:.0f} s (n log n), peak RSS "
               f"~{pc['projected_peak_mb'] / 1024:.1f} GB. On a GPU run the builder runs on the device.", ""]
 
+    qe = rep.get("quant_elements")
+    if qe:
+        L += ["## 9. Frontier quantizer elements on the same weights (seed-plus checkpoint)", ""]
+        rows = [(r["method"], r["compressor"], r["model_bytes"], r["d_bytes"], r["val_bpb"], r["d_bpb"],
+                 len(r.get("fallbacks") or []) or "") for r in qe["rows"]]
+        L += [B.format_table(("method", "layout+compressor", "model bytes", "Δ bytes vs configured", "val_bpb (rows)",
+                              "Δ bpb vs configured", "fallbacks"), rows, markdown=True), ""]
+        L += ["`+` rows switch one element on over the configured (seed-plus) quantizer; every byte is the artifact "
+              "file. Fallbacks: the tied embedding has no head-input Hessian in this GPT (no `final_norm` module), "
+              "so its int7 path is SDClip RTN here.", ""]
+        est = qe["estimates"]
+        rows = [(name, e["params"], e["choice"], e["measured_bytes"][-1], e["model_bytes"], e["seconds"])
+                for name, e in est.items()]
+        fr = next(iter(est.values()))["fractions"]
+        L += ["Full-size estimate (PR #1855 shapes, Gaussian stand-in weights through the real quantizer and "
+              f"compressors, built at row fractions {', '.join(f'{f:g}' for f in fr)} and extrapolated to all rows):", ""]
+        L += [B.format_table(("quantizer", "params", "layout+compressor", f"bytes at {fr[-1]:g}", "estimated model bytes",
+                              "seconds"), rows, markdown=True), ""]
     L += ["## Bench time by piece", ""]
     L += [B.format_table(("piece", "seconds"), list(rep["pieces_s"].items()), markdown=True), ""]
     L += ["## Reproduce", "", "```bash", "make bench                      # this report; BENCH_STEPS=... to change the steps",
@@ -651,8 +696,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs", help="where to look for the latest demo run")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     p.add_argument("--pieces", default="quality,step,compress",
-                   help="comma-separated: quality (pieces 1-5), step (6), compress (7), evalx (8, not in the "
-                        "default)")
+                   help="comma-separated: quality (pieces 1-5), step (6), compress (7), evalx (8) and quantx (9), "
+                        "the last two not in the default")
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
                    help="only rewrite the markdown and PNG beside an existing report JSON")
     args = p.parse_args(argv)
@@ -788,6 +833,11 @@ def main(argv: list[str] | None = None) -> int:
                 args.threads, args.quick)
         for r in rep["eval_extras"]["rows"]:
             log(f"    {r['mode']:8s} {r['extras']:17s} {r['val_bpb']:.5f} bpb, {r['hinted']} hinted")
+    if "quantx" in wanted:
+        log("9/9 frontier quantizer elements on the seed-plus weights; full-size byte estimate")
+        with timed(pieces, "quantizer elements"):
+            rep["quant_elements"] = quant_elements(stack_config("seed-plus", args, data, args.offline_dir),
+                                                   work / "seed-plus", args.quick)
 
     rep["pieces_s"] = pieces
     rep["wall_s"] = time.perf_counter() - t_start

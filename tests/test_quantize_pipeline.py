@@ -158,8 +158,15 @@ def test_compare_methods_scores_every_variant(cfg, run_dir):
     from pgolf.quantize import compare_methods, format_compare
 
     rows = compare_methods(cfg, run_dir, max_val_tokens=2048, code_bytes=0)
-    assert [r["method"].split(" ")[0] for r in rows] == ["fp32", "int8", "rtn", "configured"]
-    base, int8, int6, ours = rows
+    assert [r["method"].split(" ")[0] for r in rows[:4]] == ["fp32", "int8", "rtn", "configured"]
+    # then one row per frontier element (each switched on alone), then all of them
+    from pgolf.quantize.compare import ALL_ELEMENTS, ELEMENTS
+
+    assert [r["method"] for r in rows[4:]] == [f"+ {el.label}" for el in ELEMENTS] + [ALL_ELEMENTS]
+    assert all(r["model_bytes"] == r["file_bytes"] for r in rows[1:])
+    grouped = next(r for r in rows if r["method"].startswith("+ per-group"))
+    assert grouped["compressor"] in ("grouped+per-group", "int8+zlib", "packed+zlib")
+    base, int8, int6, ours = rows[:4]
     assert int8["compressor"] == "int8+zlib" and int8["bits"] == 8
     assert ours["method"].endswith("gptq int6/emb8") and int6["method"].endswith("rtn int6/emb8")
     for r in rows[1:]:
@@ -168,6 +175,7 @@ def test_compare_methods_scores_every_variant(cfg, run_dir):
     assert 0 < base["val_bpb"] < 20 and abs(int8["gap_bpb"]) < abs(int6["gap_bpb"]) + 0.05
     table = format_compare(rows)
     assert "int8 rtn percentile + zlib (baseline)" in table and f"{base['val_bpb']:.4f}" in table
+    assert "+0 B +0.0000 bpb" in table  # the configured row against itself
 
 
 def test_check_cap_false_returns_the_overage_instead(cfg, run_dir):
@@ -185,3 +193,30 @@ def test_calibrate_with_nothing_to_calibrate_is_not_an_error(cfg, run_dir):
     assert res.n_hessians == 0 and res.tokens == 0
     assert torch.load(res.path, weights_only=True)["hessians"] == {}
     assert json.loads(quantize(c, run_dir).report_path.read_text())["fallbacks"] == []
+
+
+def test_frontier_elements_through_the_stage_count_every_byte(cfg, run_dir):
+    """All frontier elements on the debug GPT: the file is the counted bytes and loads strict."""
+    from pgolf.quantize.compare import ELEMENTS
+
+    on = {k: v for el in ELEMENTS for k, v in el.on.items()}
+    c = cfg.with_overrides(**{**on, "compressor": "auto", "awq_lite_group_size": 32, "passthrough_max_numel": 1024})
+    calibrate(c, run_dir)
+    res = quantize(c, run_dir, code_bytes=1000)
+    art = run_dir / "artifact.pgz"
+    assert res.model_bytes == art.stat().st_size and res.total_bytes == art.stat().st_size + 1000
+    report = json.loads((run_dir / "quant_report.json").read_text())
+    assert report["model_bytes"] == art.stat().st_size and "grouped+per-group" in report["candidates"]
+    assert min(report["candidates"].values()) == art.stat().st_size
+    assert [g["segment"] for g in report["groups"]][0] == "rest"
+    methods = {t["name"]: t for t in report["tensors"]}
+    assert methods["blocks.0.attn.gate.weight"]["method"] == "int8-row"
+    assert sum(t["lowrank"] > 0 for t in methods.values()) == 3
+    assert any("AWQ-lite" in t["note"] for t in methods.values())
+    assert methods["tok_emb.weight"]["bits"] == 7  # no final_norm module in this GPT: RTN, reported
+    assert any("tok_emb.weight" in f for f in report["fallbacks"])
+    state = load_artifact(art)
+    model = GPT(c.model)
+    model.load_state_dict(state, strict=True)
+    mem = dequantize_in_memory(res.entries)
+    assert all(torch.equal(state[k], mem[k]) for k in state)

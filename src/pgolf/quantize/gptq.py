@@ -97,13 +97,26 @@ def gptq_quantize(
         if hi is not None:
             hi = hi[perm]
 
+    s = scale16.float().to(device)
+    s_hi = None if hi is None else hi_scale16.float().to(device)
+    qm_hi = qmax_for(hi_bits)
+    if not bool((H - torch.diag(H.diagonal())).any()):
+        # diagonal H: no column's error can move to another, GPTQ is exact rounding (and skips the
+        # Cholesky factorizations, seconds each at 2048 columns on a CPU)
+        q = torch.clamp(torch.round(W / s.unsqueeze(1)), -qm, qm)
+        if hi is not None:
+            q[:, hi] = torch.clamp(torch.round(W[:, hi] / s_hi.unsqueeze(1)), -qm_hi, qm_hi)
+        if K is not None:
+            q = q * K
+        Q = q.to(torch.int8)
+        if perm is not None:
+            Q = Q[:, torch.argsort(perm)]
+        return GPTQOutput(q=Q, damp=damp, dead_columns=n_dead)
+
     U64, used = _upper_inverse_factor(H, damp)
     U = U64.float()
     del H, U64
 
-    s = scale16.float().to(device)
-    s_hi = None if hi is None else hi_scale16.float().to(device)
-    qm_hi = qmax_for(hi_bits)
     hi_list = None if hi is None else hi.tolist()
     Q = torch.zeros(rows, cols, dtype=torch.int8, device=device)
     for b0 in range(0, cols, block_size):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -158,16 +159,22 @@ def quantize_state_dict(
     matrix_keys: set[str],
     hessians: dict[str, torch.Tensor] | None = None,
     device: torch.device | str = "cpu",
+    route_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> tuple[list[Entry], list[TensorRow], list[str]]:
-    """Entries for the artifact, one report row per tensor, and the fallbacks taken."""
+    """Entries for the artifact, one report row per tensor, and the fallbacks taken.
+
+    `route_shapes` (the size estimator's): route each tensor by this shape instead of its own, so that
+    row-reduced stand-ins take the path of the full-size tensor."""
     hessians = hessians or {}
     device = torch.device(device)
     entries: list[Entry] = []
     rows: dict[str, TensorRow] = {}
     fallbacks: list[str] = []
     int8_patterns = parse_roles(qcfg.int8_row_tensors)
-    large = {n for n, t in state.items() if t.is_floating_point() and t.ndim >= 2
-             and t.numel() > qcfg.passthrough_max_numel and not any(fnmatch.fnmatchcase(n, p) for p in int8_patterns)}
+    shapes = {n: tuple((route_shapes or {}).get(n, t.shape)) for n, t in state.items()}
+    large = {n for n, t in state.items() if t.is_floating_point() and len(shapes[n]) >= 2
+             and math.prod(shapes[n]) > qcfg.passthrough_max_numel
+             and not any(fnmatch.fnmatchcase(n, p) for p in int8_patterns)}
     gptq_names = {n for n in large if _gptq_bound(n, qcfg, matrix_keys, hessians)}
     awq_starts: dict[str, list[int]] = {}
     if qcfg.awq_lite_enabled and qcfg.quant_method == "gptq":
