@@ -231,14 +231,14 @@ def quant_elements(cfg, run_dir: Path, quick: bool) -> dict[str, Any]:
 
     from pgolf.config import resolve
     from pgolf.perf import trained_artifact
-    from pgolf.quantize.compare import ELEMENTS, compare_methods, with_deltas
+    from pgolf.quantize.compare import compare_methods, frontier_overrides, with_deltas
     from pgolf.quantize.estimate import estimate_artifact_bytes, pr1855_shapes
 
     trained_artifact(cfg, run_dir)
     rows = with_deltas(compare_methods(cfg, run_dir, elements=True))
     fractions = (1 / 128, 1 / 64) if quick else (1 / 64, 1 / 32, 1 / 8)
     seed = resolve("seed", env={}).quant  # full-size settings (the bench shape scales PASSTHROUGH_MAX_NUMEL)
-    frontier = replace(seed, **{k: v for el in ELEMENTS for k, v in el.on.items()}, int8_row_tensors="*.gate_w")
+    frontier = replace(seed, **frontier_overrides(int8_row_tensors="*.gate_w"))
     estimates = {name: estimate_artifact_bytes(pr1855_shapes(), q, fractions=fractions)
                  for name, q in (("seed quantizer", seed), ("frontier quantizer", frontier))}
     return {"checkpoint": str(run_dir / "checkpoint" / "model.pt"), "rows": rows, "estimates": estimates}

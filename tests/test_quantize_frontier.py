@@ -18,12 +18,12 @@ from pgolf.quantize import awq, lowrank
 from pgolf.quantize import dequantize_in_memory, load_artifact, quantize_state_dict
 from pgolf.quantize import groups as G
 from pgolf.quantize.calibrate import HessianHooks, head_input_module
-from pgolf.quantize.compare import ELEMENTS, element_methods
+from pgolf.quantize.compare import ELEMENTS, element_methods, frontier_overrides
 from pgolf.quantize.gptq import gptq_quantize, output_error
 from pgolf.quantize.quantizer import clip_sigmas
 from test_quantize import correlated_layer
 
-FRONTIER = {k: v for el in ELEMENTS for k, v in el.on.items()}
+FRONTIER = frontier_overrides()
 
 
 def state_and_hessians(seed=0):
@@ -46,8 +46,8 @@ MATRICES = {"blocks.0.attn.c_q.weight", "blocks.1.attn.c_q.weight", "blocks.0.ml
 
 
 def frontier_qcfg(**over):
-    return QuantConfig(passthrough_max_numel=1024, **{**FRONTIER, "awq_lite_group_size": 32,
-                                                      "awq_lite_group_top_k": 2, **over})
+    return QuantConfig(passthrough_max_numel=1024, **frontier_overrides(awq_lite_group_size=32,
+                                                                        awq_lite_group_top_k=2, **over))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +330,7 @@ def test_full_size_frontier_artifact_estimate():
     hold ~15.92 MB of model bytes: the Gaussian stand-in is close to, and a little above, a trained body."""
     from pgolf.quantize.estimate import estimate_artifact_bytes, pr1855_shapes
 
-    q = QuantConfig(**{**FRONTIER, "int8_row_tensors": "*.gate_w"})
+    q = QuantConfig(**frontier_overrides(int8_row_tensors="*.gate_w"))
     est = estimate_artifact_bytes(pr1855_shapes(), q, fractions=(1 / 128, 1 / 64))
     assert est["params"] == 35_945_671
     assert 15.0e6 < est["model_bytes"] < 17.5e6, est

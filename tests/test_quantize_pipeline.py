@@ -197,10 +197,9 @@ def test_calibrate_with_nothing_to_calibrate_is_not_an_error(cfg, run_dir):
 
 def test_frontier_elements_through_the_stage_count_every_byte(cfg, run_dir):
     """All frontier elements on the debug GPT: the file is the counted bytes and loads strict."""
-    from pgolf.quantize.compare import ELEMENTS
+    from pgolf.quantize.compare import frontier_overrides
 
-    on = {k: v for el in ELEMENTS for k, v in el.on.items()}
-    c = cfg.with_overrides(**{**on, "compressor": "auto", "awq_lite_group_size": 32, "passthrough_max_numel": 1024})
+    c = cfg.with_overrides(**frontier_overrides(compressor="auto", awq_lite_group_size=32, passthrough_max_numel=1024))
     calibrate(c, run_dir)
     res = quantize(c, run_dir, code_bytes=1000)
     art = run_dir / "artifact.pgz"

@@ -71,13 +71,18 @@ ELEMENTS: tuple[Element, ...] = (
 ALL_ELEMENTS = "all frontier quantizer elements"
 
 
+def frontier_overrides(**over) -> dict:
+    """QuantConfig overrides switching every element on (then `over`), e.g. for `dataclasses.replace`."""
+    return {**{k: v for el in ELEMENTS for k, v in el.on.items()}, **over}
+
+
 def element_methods(q) -> dict[str, dict]:
     """'+ label' (switched on) or '- label' (switched off, when the config has it) per element, then all on."""
     out = {}
     for el in ELEMENTS:
         on = el.is_on(q)
         out[f"{'-' if on else '+'} {el.label}"] = el.off if on else el.on
-    out[ALL_ELEMENTS] = {k: v for el in ELEMENTS for k, v in el.on.items()}
+    out[ALL_ELEMENTS] = frontier_overrides()
     return out
 
 

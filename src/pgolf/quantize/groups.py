@@ -51,24 +51,18 @@ def similarity_order(q: torch.Tensor) -> np.ndarray:
     if n <= 2:
         return np.arange(n, dtype=np.uint16)
     rows = q.reshape(n, -1).to(torch.int16)
-    # unused rows live compactly in `pool` (swap-remove), their original indices in `index`
-    pool = rows.clone()
-    index = torch.arange(n, device=q.device)
+    # unused rows live compactly in `pool` (swap-remove), their original indices in `index`; one argmin
+    # over distance * 2^16 + original index picks the closest row, the lowest index among ties
+    pool = rows[1:].clone()
+    index = torch.arange(1, n, device=q.device, dtype=torch.int64)
     order = [0]
-    cur = pool[0].clone()
-    pool[0], index[0] = pool[n - 1].clone(), index[n - 1].clone()
-    size = n - 1
-    while size:
-        dist = (pool[:size] - cur).abs().sum(dim=1, dtype=torch.int32)
-        best = int(torch.min(dist).item())
-        # the lowest original index among the ties, so the result does not depend on the pool's order
-        cand = index[:size][dist == best]
-        j_orig = int(cand.min().item())
-        j = int(torch.nonzero(index[:size] == j_orig)[0, 0].item())
-        order.append(j_orig)
+    cur = rows[0]
+    for size in range(n - 1, 0, -1):
+        dist = (pool[:size] - cur).abs().sum(dim=1, dtype=torch.int64)
+        j = int(torch.argmin(dist * MAX_SORT_ROWS + index[:size]).item())
+        order.append(int(index[j].item()))
         cur = pool[j].clone()
-        size -= 1
-        pool[j], index[j] = pool[size].clone(), index[size].clone()
+        pool[j], index[j] = pool[size - 1], index[size - 1]
     return np.asarray(order, dtype=np.uint16)
 
 
