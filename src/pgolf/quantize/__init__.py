@@ -7,9 +7,10 @@
     compare_methods(cfg, run_dir) -> rows                   bytes and val_bpb of several methods
     size_lines(report_path) -> lines                        the upstream size lines (Code size, Total submission size)
 
-Modules: rows (row scales, RTN), gptq, calibrate, artifact (container + compressors), report
-(sizes, table), quantizer (the stage), compare. Importing this package imports torch; the CLI
-imports it lazily.
+Modules: rows (row scales, RTN), gptq, awq (AWQ-lite group choice), lowrank (LQER factors), calibrate,
+groups (roles across layers, similarity sort), artifact (container, layouts, compressors), report
+(sizes, table), quantizer (the stage), compare (methods and frontier elements side by side), estimate
+(full-size bytes from shapes). Importing this package imports torch; the CLI imports it lazily.
 """
 
 from pgolf.quantize.artifact import load_artifact
