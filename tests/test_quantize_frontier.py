@@ -336,3 +336,40 @@ def test_full_size_frontier_artifact_estimate():
     assert 15.0e6 < est["model_bytes"] < 17.5e6, est
     b1, b2 = est["measured_bytes"]
     assert b1 < b2 < 2 * b1  # the fixed part is real: doubling the rows does not double the file
+
+
+# ---------------------------------------------------------------------------------------------
+# lrzip: opt-in, a system binary
+
+
+def test_lrzip_is_opt_in_and_a_missing_binary_is_one_line(monkeypatch, tmp_path):
+    import shutil
+
+    state, hess = state_and_hessians()
+    entries, _, _ = quantize_state_dict(state, frontier_qcfg(), MATRICES, hess)
+    _, info = A.choose(entries, "auto", "auto", groups=True)
+    assert not any("lrzip" in k for k in info["candidates"])
+    assert all("lrzip" not in g["candidates"] for g in info["groups"])
+    if shutil.which("lrzip"):  # an artifact written with lrzip, read where the binary is missing
+        blob, _ = A.choose(entries, "lrzip", "int8")
+        atomic_write_bytes(tmp_path / "a.pgz", blob)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ArtifactError, match=r"lrzip binary is not on PATH; install the lrzip binary \(apt-get install lrzip\)"):
+        A.choose(entries, "auto+lrzip", "auto")
+    if (tmp_path / "a.pgz").exists():
+        with pytest.raises(ArtifactError, match="apt-get install lrzip"):
+            load_artifact(tmp_path / "a.pgz")
+
+
+@pytest.mark.skipif(not __import__("shutil").which("lrzip"), reason="lrzip binary not installed")
+def test_lrzip_per_group_round_trip(tmp_path):
+    state, hess = state_and_hessians()
+    entries, _, _ = quantize_state_dict(state, frontier_qcfg(), MATRICES, hess)
+    blob, info = A.choose(entries, "auto+lrzip", "auto", groups=True, sort_roles=("tok_emb",))
+    assert any(k.endswith("+lrzip") for k in info["candidates"])
+    assert all("lrzip" in g["candidates"] for g in info["groups"])
+    atomic_write_bytes(tmp_path / "a.pgz", blob)
+    mem = dequantize_in_memory(entries)
+    loaded = load_artifact(tmp_path / "a.pgz")
+    assert all(torch.equal(loaded[k], mem[k]) for k in state)
+    assert A.compress("lrzip", b"pgolf" * 999) == A.compress("lrzip", b"pgolf" * 999)  # deterministic

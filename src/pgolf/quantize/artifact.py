@@ -6,7 +6,8 @@ File layout (all integers little-endian):
     0       4     magic b"PGQZ"
     4       2     format version (u16): 2, or 3 when the body is stored as streams (id 5)
     6       1     compressor id (u8): 1 zlib-9, 2 lzma (raw LZMA2, preset 9|extreme), 3 zstd-22,
-                  4 brotli-11 (window 24), 5 streams (format 3)
+                  4 brotli-11 (window 24), 5 streams (format 3), 6 lrzip -z -L 9 (ZPAQ; opt-in,
+                  needs the lrzip binary to load)
     7       1     reserved, 0
     8       8     body length before compression (u64)
     16      8     compressed length (u64) = file size - 56
@@ -15,7 +16,7 @@ File layout (all integers little-endian):
 
 Streams (id 5, the `grouped` layout): the body is cut into segments, each compressed on its own by
 the compressor that makes it smallest; the compressed region is u32 n, then n records (u8 compressor
-id 1-4, u64 raw length, u64 compressed length), then the n compressed segments. The body is their
+id 1-4 or 6, u64 raw length, u64 compressed length), then the n compressed segments. The body is their
 decompressed concatenation.
 
 The body (the tensor table, payload encodings, the `grouped` layout's segments) is documented in
@@ -44,8 +45,12 @@ VERSION = 2  # 2: the body header carries "meta" (the artifact describes its mod
 STREAMS_VERSION = 3  # 3: the body is stored as separately compressed streams (the grouped layout)
 PREFIX = struct.Struct("<4sHBBQQ")  # magic, version, compressor id, reserved, body len, comp len
 HEADER_BYTES = PREFIX.size + 32
-COMPRESSORS = {"zlib": 1, "lzma": 2, "zstd": 3, "brotli": 4}
-COMPRESSOR_NAMES = {v: k for k, v in COMPRESSORS.items()}
+COMPRESSORS = {"zlib": 1, "lzma": 2, "zstd": 3, "brotli": 4}  # COMPRESSOR=auto tries these
+# opt-in only (COMPRESSOR=lrzip or auto+lrzip): needs a system binary at quantize AND at load time
+OPTIONAL_COMPRESSORS = {"lrzip": 6}
+COMPRESSOR_IDS = {**COMPRESSORS, **OPTIONAL_COMPRESSORS}
+COMPRESSOR_NAMES = {v: k for k, v in COMPRESSOR_IDS.items()}
+LRZIP_HINT = "install the lrzip binary (apt-get install lrzip) or set COMPRESSOR=auto"
 STREAMS_ID = 5
 STREAM_RECORD = struct.Struct("<BQQ")  # compressor id, raw length, compressed length
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
@@ -71,7 +76,39 @@ def _brotli():
     return brotli
 
 
+def _lrzip(args: list[str], data: bytes, suffix: str) -> bytes:
+    """Run the lrzip binary on `data` through temporary files (it reads and writes files only)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    exe = shutil.which("lrzip")
+    if exe is None:
+        raise ArtifactError(f"compressor lrzip needs the lrzip binary, which is not on PATH; {LRZIP_HINT}")
+    with tempfile.TemporaryDirectory(prefix="pgolf-lrzip-") as tmp:
+        src, dst = Path(tmp) / f"in{suffix}", Path(tmp) / "out"
+        src.write_bytes(data)
+        res = subprocess.run([exe, "-q", "-f", *args, "-o", str(dst), str(src)], capture_output=True)
+        if res.returncode != 0 or not dst.is_file():
+            msg = (res.stderr or res.stdout).decode(errors="replace").strip().splitlines()
+            raise ArtifactError(f"lrzip {' '.join(args)} failed (exit {res.returncode}: {msg[-1] if msg else 'no output'})")
+        return dst.read_bytes()
+
+
+def require(name: str) -> None:
+    """A one-line error now, before any work, when a compressor's library or binary is missing."""
+    if name == "lrzip":
+        import shutil
+
+        if shutil.which("lrzip") is None:
+            raise ArtifactError(f"COMPRESSOR includes lrzip, but the lrzip binary is not on PATH; {LRZIP_HINT}")
+        return
+    compress(name, b"")
+
+
 def compress(name: str, data: bytes) -> bytes:
+    if name == "lrzip":  # ZPAQ backend, level 9 (#2135's per-group compressor)
+        return _lrzip(["-z", "-L", "9"], data, "")
     if name == "zlib":
         return zlib.compress(data, 9)
     if name == "lzma":
@@ -84,6 +121,10 @@ def compress(name: str, data: bytes) -> bytes:
 
 
 def decompress(name: str, data: bytes, size: int) -> bytes:
+    if name == "lrzip":
+        if not size:
+            return b""
+        return _lrzip(["-d"], data, ".lrz")
     if name == "zlib":
         return zlib.decompress(data)
     if name == "lzma":
@@ -101,14 +142,14 @@ def decompress(name: str, data: bytes, size: int) -> bytes:
 
 def frame(body: bytes, compressor: str, compressed: bytes | None = None) -> bytes:
     comp = compress(compressor, body) if compressed is None else compressed
-    prefix = PREFIX.pack(MAGIC, VERSION, COMPRESSORS[compressor], 0, len(body), len(comp))
+    prefix = PREFIX.pack(MAGIC, VERSION, COMPRESSOR_IDS[compressor], 0, len(body), len(comp))
     return prefix + hashlib.sha256(prefix + comp).digest() + comp
 
 
 def frame_streams(streams: list[tuple[str, int, bytes]]) -> bytes:
     """A format-3 file from (compressor name, raw length, compressed bytes) per body segment."""
     comp = struct.pack("<I", len(streams))
-    comp += b"".join(STREAM_RECORD.pack(COMPRESSORS[n], raw, len(c)) for n, raw, c in streams)
+    comp += b"".join(STREAM_RECORD.pack(COMPRESSOR_IDS[n], raw, len(c)) for n, raw, c in streams)
     comp += b"".join(c for _, _, c in streams)
     body_len = sum(raw for _, raw, _ in streams)
     prefix = PREFIX.pack(MAGIC, STREAMS_VERSION, STREAMS_ID, 0, body_len, len(comp))
@@ -181,7 +222,7 @@ PROBE_MIN_BYTES = 8 << 20
 PROBE_SLICES, PROBE_SLICE_BYTES = 8, 256 << 10
 PROBE_MARGIN = 0.02
 # relative single-core cost of each compressor on int6 values (s/MB on the busy 2-core bench CPU), for ordering
-SECONDS_PER_MB = {"brotli": 4.8, "lzma": 2.8, "zstd": 1.9, "zlib": 0.13}
+SECONDS_PER_MB = {"lrzip": 5.0, "brotli": 4.8, "lzma": 2.8, "zstd": 1.9, "zlib": 0.13}
 
 
 def _probe_sample(body: bytes) -> bytes:
@@ -279,12 +320,13 @@ def choose(entries: list[Entry], compressor: str = "auto", layout: str = "auto",
     import time
 
     t0 = time.perf_counter()
-    names = list(COMPRESSORS) if compressor == "auto" else [compressor]
+    names = list(COMPRESSORS) if compressor == "auto" else (
+        [*COMPRESSORS, "lrzip"] if compressor == "auto+lrzip" else [compressor])
     layouts = list(LAYOUTS) if layout == "auto" else [layout]
     if not any(e.kind == "quant" and e.bits < 8 for e in entries):
         layouts = layouts[:1]  # packing changes nothing when no integer is narrower than 8 bits
-    for n in names:  # fail before any work when a library is missing
-        compress(n, b"")
+    for n in names:  # fail before any work when a library or binary is missing
+        require(n)
     pieces = {lay: encode_body(entries, lay, meta) for lay in layouts}
     segments = encode_segments(entries, GROUPED, meta, sort_roles, sort_device) if groups else []
     pieces.update({f"{GROUPED}:{label}": seg for label, seg in segments})
