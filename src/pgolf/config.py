@@ -162,10 +162,11 @@ class QuantConfig:
     # how sub-8-bit integers are stored: int8 containers, bit-packed, or auto = whichever compresses smaller
     q_layout: Literal["auto", "int8", "packed"] = "auto"
     # also try per-group streams (#2135's COMPRESSOR=pergroup): integers grouped by role across layers,
-    # column-major, each group compressed on its own by the best compressor; rows of the SORT_ROWS roles
-    # reordered by greedy nearest-neighbour chaining (L1), the permutation stored
+    # column-major, each group compressed on its own by the best compressor
     compress_groups: bool = False
-    sort_rows: str = "tok_emb,attn.c_q,mlp.fc"
+    # grouped layout: roles whose rows are reordered by greedy nearest-neighbour chaining (L1), the
+    # permutation stored (#2135: tok_emb,attn.c_q,mlp.fc); empty = no reordering
+    sort_rows: str = ""
     size_cap_bytes: int = SIZE_CAP_BYTES
 
 

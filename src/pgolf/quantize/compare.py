@@ -26,7 +26,7 @@ import torch
 # the frontier quantizer's elements switched off (the baseline row and the "- element" rows)
 _OFF = dict(row_clip="search", mlp_clip_sigmas=0.0, attn_clip_sigmas=0.0, embed_clip_sigmas=0.0, embed_bits=8,
             embed_clip="percentile", embed_gptq=False, int8_row_tensors="", lowrank_rank=0, lowrank_tensors=0,
-            lowrank_packing="fp16", awq_lite_enabled=False, compress_groups=False)
+            lowrank_packing="fp16", awq_lite_enabled=False, compress_groups=False, sort_rows="")
 
 # name -> QuantConfig overrides ({} = the run's own quant config)
 METHODS: dict[str, dict] = {
@@ -66,7 +66,9 @@ ELEMENTS: tuple[Element, ...] = (
             dict(lowrank_rank=0, lowrank_tensors=0, lowrank_packing="fp16")),
     Element("gate matrices int8 per row (INT8_ROW_TENSORS=*gate*)", dict(int8_row_tensors="*gate*"),
             dict(int8_row_tensors="")),
-    Element("per-group compression + similarity sort", dict(compress_groups=True), dict(compress_groups=False)),
+    Element("per-group compression", dict(compress_groups=True), dict(compress_groups=False)),
+    Element("similarity sort of tok_emb, attn.c_q, mlp.fc rows (per-group layout)",
+            dict(compress_groups=True, sort_rows="tok_emb,attn.c_q,mlp.fc"), dict(sort_rows="")),
 )
 ALL_ELEMENTS = "all frontier quantizer elements"
 
