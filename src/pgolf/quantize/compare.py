@@ -7,7 +7,7 @@ gap, not the submission score (no sliding window, no TTT).
 
 Besides the baseline's int8 and the configured quantizer, each element of the frontier quantizer
 (PRs #1855, #1908, #2135: SDClip per role, int7 tok_emb, AWQ-lite, LQER, int8 gates, per-group
-compression) gets its own row: the configured quantizer with that one element switched on (`+`), or
+compression, similarity sort) gets its own row: the configured quantizer with that one element switched on (`+`), or
 off when the configuration already has it (`-`), then all of them at once. Every row's bytes are
 the artifact file it wrote.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# the frontier quantizer's elements switched off (the baseline row and the "- element" rows)
+# every frontier-quantizer element off: the baseline row is the baseline's quantizer whatever the config
 _OFF = dict(row_clip="search", mlp_clip_sigmas=0.0, attn_clip_sigmas=0.0, embed_clip_sigmas=0.0, embed_bits=8,
             embed_clip="percentile", embed_gptq=False, int8_row_tensors="", lowrank_rank=0, lowrank_tensors=0,
             lowrank_packing="fp16", awq_lite_enabled=False, compress_groups=False, sort_rows="")

@@ -7,8 +7,9 @@ that is compressed on its own, and first reorders the rows of chosen roles so th
 next to each other:
 
   similarity_order   greedy nearest-neighbour chaining under L1 distance, starting at row 0: the next
-                     row is the unused row closest to the current one (ties: the lowest index). O(n^2 d);
-                     runs on the tensor's device (a GPU sorts the 8192-row embedding in a second).
+                     row is the unused row closest to the current one (ties: the lowest index). O(n^2 d):
+                     2048 x 512 in ~2 s, 4096 x 512 in ~10 s on 2 shared CPU cores; it runs on the
+                     device it is given (the quantizer passes its own: the GPU in a run).
 
 The permutation is stored with the artifact (uint16, so at most 65,536 rows) and undone on load.
 """
