@@ -21,9 +21,9 @@ class TensorRow:
     name: str
     shape: list[int]
     kind: str  # quant | fp16 | raw
-    method: str  # gptq | rtn-search | rtn-sdclip | rtn-percentile | embed-percentile | fp16 | raw
+    method: str  # gptq | rtn-search | rtn-sdclip | rtn-percentile | embed-percentile | embed-sdclip | int8-row | fp16 | raw
     bits: int  # 16 for fp16 passthrough, 0 for raw
-    payload_bytes: int  # bytes before compression (values + scales + low-rank factors)
+    payload_bytes: int  # bytes before compression (values + scales + AWQ groups + low-rank factors)
     rel_err: float  # ||W - W_hat||_F / ||W||_F
     out_err: float | None = None  # sqrt(tr(E H E^T) / tr(W H W^T)) when a Hessian is known
     pruned: float = 0.0  # fraction of exact zeros forced by pruning
