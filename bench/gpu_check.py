@@ -88,7 +88,7 @@ class Deadline:
 def environment(device) -> dict[str, Any]:
     import torch
 
-    from pgolf.attention import attention_backend_in_use
+    from pgolf.model import attention_backend_in_use
 
     env: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
                            "python": sys.version.split()[0]}

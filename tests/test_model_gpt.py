@@ -1,4 +1,4 @@
-"""pgolf.model on CPU: parameter counts, every architecture switch, the BOS mask, QAT, losses, groups."""
+"""pgolf.model.gpt on CPU: parameter counts, presets, every architecture switch, losses, groups, init."""
 
 from __future__ import annotations
 
@@ -8,46 +8,19 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from model_fixtures import SMALL, perturbed, tokens
 from pgolf.compiled import Compiled
 from pgolf.config import PRESETS, ModelConfig
 from pgolf.errors import ConfigError
-from pgolf.model import (
-    BOS_ID, GPT, CastedLinear, attention_backend_in_use, bigram_hash, build_model, fake_quant_rows,
-)
+from pgolf.model import GPT, build_model
 
 CONTROL = re.compile(r"norm|scale|gain|mix|skip|lambda|gate|smear")
-
-# every feature on, at a size that runs in milliseconds: head dim 16, partial RoPE 8 of 16
-SMALL = replace(
-    PRESETS["debug"]().model,
-    vocab_size=64, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2.0,
-    bigram_buckets=32, bigram_dim=8, xsa_last_n=1, rope_dims=8, ln_scale=True,
-    value_residual=True, gated_attention=True, smear_gate=True,
-)
 
 
 def meta_model(preset: str) -> GPT:
     with torch.device("meta"):
         return GPT(PRESETS[preset]().model)
-
-
-def perturbed(cfg: ModelConfig, seed: int = 0) -> GPT:
-    """An fp32 CPU model with noise on every parameter, so zero-init paths (proj, gate W, bigram table) act."""
-    torch.manual_seed(seed)
-    model = build_model(cfg, "cpu")
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
-
-
-def tokens(batch: int = 2, seq: int = 24, vocab: int = 64, seed: int = 0) -> torch.Tensor:
-    idx = torch.randint(2, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
-    idx[:, 0] = BOS_ID
-    return idx
 
 
 # ---- parameter counts ------------------------------------------------------------------------
@@ -95,19 +68,6 @@ def test_param_counts_at_the_small_shape_match_the_source_scripts():
         assert GPT(at_small_shape("seed-plus")).num_params() == 1_249_703
         # pgolf's old rule kept the 128 x 128 projection: 16,384 parameters the source does not have
         assert GPT(at_small_shape("seed", bigram_proj="always")).num_params() == 1_249_703 + 128 * 128
-
-
-@pytest.mark.parametrize("bigram_dim, model_dim, rule, present", [
-    (128, 512, "if_needed", True), (128, 128, "if_needed", False), (64, 128, "if_needed", True),
-    (128, 128, "always", True), (32, 64, "always", True),
-])
-def test_bigram_projection_exists_exactly_when_the_widths_differ(bigram_dim, model_dim, rule, present):
-    cfg = replace(PRESETS["seed"]().model, model_dim=model_dim, num_heads=4, num_kv_heads=2, num_layers=2,
-                  bigram_dim=bigram_dim, bigram_proj=rule)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    assert (model.bigram.proj is not None) == present
-    assert ("bigram.proj.weight" in dict(model.param_groups()["matrix"])) == present
 
 
 # ---- presets switch on what they claim -------------------------------------------------------
@@ -194,26 +154,6 @@ def test_neutral_settings_reduce_to_the_feature_off():
         torch.testing.assert_close(on(idx), off(idx), rtol=0, atol=1e-5)
 
 
-def test_xsa_removes_the_own_value_direction():
-    """At an XSA layer each head's output is orthogonal to its position's raw (pre-VR) value vector."""
-    model = perturbed(SMALL)  # 3 layers, XSA on the last one
-    seen: dict[tuple[int, str], torch.Tensor] = {}
-    for i, block in enumerate(model.blocks):
-        block.attn.c_v.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__((i, "v"), out))
-        block.attn.proj.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__((i, "y"), inp[0]))
-    with torch.no_grad():
-        model(tokens())
-
-    def overlap(layer: int) -> float:
-        v = F.normalize(seen[layer, "v"].view(2, 24, 1, 16), dim=-1)  # 1 KV head for both query heads
-        y = seen[layer, "y"].view(2, 24, 2, 16)
-        assert y.abs().max() > 1e-2
-        return (y * v).sum(-1).abs().max().item()
-
-    assert overlap(2) < 1e-5
-    assert overlap(1) > 1e-3  # a layer without XSA has no such constraint
-
-
 def test_output_is_causal():
     """Changing token j never changes the logits at positions < j (bigram and smear look back only)."""
     model = perturbed(SMALL)
@@ -232,157 +172,6 @@ def test_logits_are_softcapped_fp32():
         logits = model(tokens())
     assert logits.dtype == torch.float32 and logits.shape == (2, 24, 64)
     assert logits.abs().max() <= 2.0 and logits.abs().max() > 1.0
-
-
-# ---- the BOS mask (technique-spec §7.1 item 8) ------------------------------------------------
-
-
-def test_bigram_hash_values():
-    idx = torch.tensor([[5, 7, BOS_ID, 9, 7]])
-    expected = [15, (36313 * 7 ^ 27191 * 5) % 15, 15, (36313 * 9 ^ 27191 * BOS_ID) % 15, (36313 * 7 ^ 27191 * 9) % 15]
-    assert bigram_hash(idx, 16, bos_mask=True).tolist() == [expected]
-    expected[2] = (36313 * BOS_ID ^ 27191 * 7) % 15  # PR #490: a BOS is hashed with the token before it
-    assert bigram_hash(idx, 16, bos_mask=False).tolist() == [expected]
-
-
-def two_docs(prev_token: int) -> torch.Tensor:
-    """Doc k = [BOS, 5, 9, 13, prev_token], doc k+1 = [BOS, 6, 11, ...] in one row."""
-    return torch.tensor([[BOS_ID, 5, 9, 13, prev_token, BOS_ID, 6, 11, 20, 30]])
-
-
-def test_x0_at_bos_ignores_the_previous_document():
-    model = perturbed(SMALL)
-    with torch.no_grad():
-        a, b = model.embed(two_docs(40)), model.embed(two_docs(41))
-    torch.testing.assert_close(a[:, 5], b[:, 5], rtol=0, atol=0)  # the BOS of doc k+1
-    assert (a[:, 4] - b[:, 4]).abs().max() > 1e-3  # the changed token itself
-    # control: the same change one position later (a non-BOS position) does reach x0
-    c, d = model.embed(two_docs(40)[:, [0, 1, 2, 3, 4, 6]]), model.embed(two_docs(41)[:, [0, 1, 2, 3, 4, 6]])
-    assert (c[:, 5] - d[:, 5]).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("path", ["smear", "bigram"])
-def test_each_input_path_alone_respects_bos(path):
-    off = dict(smear=dict(bigram_buckets=0), bigram=dict(smear_gate=False))[path]
-    model = perturbed(replace(SMALL, **off))
-    with torch.no_grad():
-        a, b = model.embed(two_docs(40)), model.embed(two_docs(41))
-    torch.testing.assert_close(a[:, 5], b[:, 5], rtol=0, atol=0)
-    assert (a[:, 6] - b[:, 6]).abs().max() == 0  # pos 6 reads BOS and token 6 only, both unchanged
-
-
-def test_without_the_mask_x0_is_pr490s_formula_and_leaks_across_bos():
-    model = perturbed(replace(SMALL, bos_mask=False))
-    idx = two_docs(40)
-    with torch.no_grad():
-        e = model.tok_emb(idx) + model.bigram(idx)
-        x = F.rms_norm(e, (e.size(-1),))
-        g = torch.sigmoid(model.smear.gate)
-        prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)  # x_{-1} = 0
-        torch.testing.assert_close(model.embed(idx), (1 - g) * x + g * prev, rtol=0, atol=0)
-        a, b = model.embed(two_docs(40)), model.embed(two_docs(41))
-    assert (a[:, 5] - b[:, 5]).abs().max() > 1e-3  # the BOS of doc k+1 sees doc k's last token
-
-
-def test_full_forward_at_bos_ignores_the_previous_document_without_attention():
-    """With attention outputs zeroed, position i sees only x0_i: BOS logits must not move."""
-    model = perturbed(SMALL)
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.proj.weight.zero_()
-        a, b = model(two_docs(40)), model(two_docs(41))
-    torch.testing.assert_close(a[:, 5], b[:, 5], rtol=0, atol=0)
-    assert (a[:, 4] - b[:, 4]).abs().max() > 1e-3
-
-
-# ---- QAT -------------------------------------------------------------------------------------
-
-
-def test_fake_quant_rows_int6():
-    w = torch.tensor([[3.1, -1.0, 0.04, 0.0], [0.0, 0.0, 0.0, 0.0], [-0.62, 0.31, 0.16, 0.0]])
-    expected = torch.tensor([[3.1, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [-0.62, 0.32, 0.16, 0.0]])
-    torch.testing.assert_close(fake_quant_rows(w, 6), expected, rtol=0, atol=1e-6)
-    q = fake_quant_rows(torch.randn(16, 64), 6)
-    scale = q.abs().amax(1, keepdim=True) / 31
-    steps = q / scale
-    torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)  # on the int6 grid
-    assert steps.abs().max() <= 31 + 1e-4
-
-
-def test_qat_changes_forward_and_uses_straight_through_gradients():
-    model = perturbed(SMALL)
-    idx, tgt = tokens(), tokens(seed=1)
-    with torch.no_grad():
-        plain = model(idx)
-        model.set_qat(True)
-        assert model.qat_enabled
-        quant = model(idx)
-        model.set_qat(False)
-        again = model(idx)
-    assert (plain - quant).abs().max() > 1e-4
-    torch.testing.assert_close(plain, again, rtol=0, atol=0)
-    assert not any("qat" in k for k in model.state_dict())  # the flag is not saved
-
-    # STE: grads with QAT on equal the grads of a model whose weights ARE the fake-quantized ones
-    model.set_qat(True)
-    model.loss(idx, tgt).backward()
-    ref = GPT(SMALL)
-    ref.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        for m in ref.blocks.modules():
-            if isinstance(m, CastedLinear) and m.qat_bits:
-                m.weight.copy_(fake_quant_rows(m.weight, 6))
-    ref.loss(idx, tgt).backward()
-    w, w_ref = model.blocks[1].mlp.fc.weight, ref.blocks[1].mlp.fc.weight
-    assert w.grad.abs().max() > 0
-    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-4, atol=1e-6)
-    # only block matrices are quantized: not the gate, not the bigram projection
-    assert model.blocks[0].attn.gate.qat_bits == 0 and model.bigram.proj.qat_bits == 0
-
-
-def _compiled_qat_roundtrip(backend: str):
-    model = perturbed(replace(SMALL, num_layers=2))
-    compiled = Compiled("qat_roundtrip", model, planned=2, state=lambda: {"qat": model.qat_enabled}, backend=backend)
-    idx = tokens()
-    with torch.no_grad():
-        plain = compiled(idx)
-        assert compiled.graphs == 1  # QAT off: the fake-quant is not traced at all
-        model.set_qat(True)
-        quant = compiled(idx)
-        eager_quant = model(idx)
-        model.set_qat(False)
-        again = compiled(idx)
-        model.set_qat(True)
-        compiled(idx)
-    # QAT on is the second graph; flipping back and forth reuses both (never frozen at trace time)
-    assert compiled.graphs == 2 and [e.reason for e in compiled.events][1] == "qat False -> True"
-    assert (plain - quant).abs().max() > 1e-4  # the flag took effect inside the compiled graph
-    torch.testing.assert_close(quant, eager_quant, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(plain, again, rtol=0, atol=0)
-
-
-def test_qat_flag_takes_effect_under_torch_compile():
-    _compiled_qat_roundtrip("aot_eager")  # dynamo tracing + functionalized graph, seconds on CPU
-
-
-@pytest.mark.slow
-def test_qat_flag_takes_effect_under_inductor():
-    """The same on inductor, for one CastedLinear (the whole model costs ~40 s CPU of C++ compiles)."""
-    torch.manual_seed(0)
-    model = GPT(replace(SMALL, num_layers=1))
-    linear = model.blocks[0].mlp.fc
-    compiled = Compiled("qat_linear", linear, planned=2)
-    x = torch.randn(4, 32)
-    with torch.no_grad():
-        plain = compiled(x)
-        model.set_qat(True)
-        quant = compiled(x)
-        model.set_qat(False)
-        again = compiled(x)
-    assert compiled.graphs == 2
-    torch.testing.assert_close(quant, F.linear(x, fake_quant_rows(linear.weight, 6)), rtol=1e-5, atol=1e-6)
-    assert (plain - quant).abs().max() > 1e-4
-    torch.testing.assert_close(plain, again, rtol=0, atol=0)
 
 
 # ---- losses ----------------------------------------------------------------------------------
@@ -532,36 +321,6 @@ def test_weights_and_step0_loss_equal_the_sources_for_one_seed(preset, extra):
     idx = torch.randint(0, cfg.vocab_size, (2, 65), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert model.loss(idx[:, :-1], idx[:, 1:]).item() == reference.loss(idx[:, :-1], idx[:, 1:]).item()
-
-
-def test_rotary_ntk_base():
-    seed = GPT(replace(SMALL, rope_dims=0, rope_ntk_ref_len=16))
-    d = SMALL.head_dim
-    for T, base in ((16, 1e4), (32, 1e4 * 2 ** (d / (d - 2)))):
-        cos, _ = seed.rotary(T, torch.device("cpu"))
-        inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-        torch.testing.assert_close(cos[1].double(), torch.cos(inv_freq), rtol=0, atol=1e-6)
-
-
-def test_sdpa_matches_explicit_gqa_attention():
-    from pgolf.attention import causal_attention
-
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 7, 4, 8, generator=gen), torch.randn(2, 7, 2, 8, generator=gen), torch.randn(2, 7, 2, 8, generator=gen)
-    kk, vv = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)
-    scores = torch.einsum("bthd,bshd->bhts", q, kk) / math.sqrt(8)
-    scores = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
-    ref = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), vv)
-    torch.testing.assert_close(causal_attention(q, k, v, "sdpa"), ref, rtol=1e-5, atol=1e-5)
-
-
-def test_attention_backend_selection_on_cpu():
-    assert attention_backend_in_use(SMALL, "cpu") == "sdpa"
-    assert attention_backend_in_use("sdpa", "cpu") == "sdpa"
-    with pytest.raises(ConfigError, match="ATTENTION_BACKEND=fa3"):
-        attention_backend_in_use("fa3", "cpu")
-    with pytest.raises(ConfigError):
-        build_model(replace(SMALL, attention_backend="fa3"), "cpu")
 
 
 def test_bad_qat_bits_is_one_line_config_error():

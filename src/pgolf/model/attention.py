@@ -1,6 +1,7 @@
-"""Causal attention kernels: FlashAttention 3 on CUDA when importable, else PyTorch SDPA.
+"""Attention: the causal kernel (FlashAttention 3 on CUDA when importable, else PyTorch SDPA) and
+the block's CausalSelfAttention module.
 
-The choice is made once per (config, device) by `attention_backend_in_use`, which the model calls
+The kernel choice is made once per (config, device) by `attention_backend_in_use`, which the model calls
 and `environment.json` records. Asking for "fa3" where it cannot run is an error, never a silent
 fallback (technique-spec §7.1 item 13); "auto" falls back to SDPA and logs that once.
 
@@ -14,9 +15,12 @@ import logging
 from typing import Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from pgolf.config import ModelConfig
 from pgolf.errors import ConfigError
+from pgolf.model.layers import CastedLinear, apply_rotary, rms_norm
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +83,49 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
         enable_gqa=k.size(2) != q.size(2),
     )  # (B, H, T, D)
     return y.transpose(1, 2)
+
+
+class CausalSelfAttention(nn.Module):
+    """GQA attention with RMS-normed q/k, q gain, RoPE, Value Residual, XSA and a per-head gate."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        d, h, kv, hd = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+        self.c_q = CastedLinear(d, h * hd, qat_bits=cfg.qat_bits)
+        self.c_k = CastedLinear(d, kv * hd, qat_bits=cfg.qat_bits)
+        self.c_v = CastedLinear(d, kv * hd, qat_bits=cfg.qat_bits)
+        self.proj = CastedLinear(h * hd, d, qat_bits=cfg.qat_bits, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((h,), cfg.qk_gain_init))
+        # Value Residual: layers >= 1 blend layer 0's raw V in, v <- l0 * v0 + l1 * v
+        self.vr_lambda = nn.Parameter(torch.tensor([0.5, 0.5])) if cfg.value_residual and layer > 0 else None
+        # XSA: remove from each head's output its component along the token's own value vector
+        self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
+        # Gated attention: y_h <- sigmoid(W u + b)_h * y_h, W zero and b = 4 (gate ~0.98 open)
+        self.gate = CastedLinear(d, h, bias=True, zero_init=True) if cfg.gated_attention else None
+        if self.gate is not None:
+            nn.init.constant_(self.gate.bias, cfg.gate_bias_init)
+
+    def forward(self, u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, v0: torch.Tensor | None,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """u: normalized block input (B, T, d). Returns (output (B, T, d), this layer's raw V)."""
+        B, T, _ = u.shape
+        q = self.c_q(u).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(u).view(B, T, self.num_kv_heads, self.head_dim)
+        v_raw = self.c_v(u).view(B, T, self.num_kv_heads, self.head_dim)
+        v = v_raw
+        if self.vr_lambda is not None and v0 is not None:
+            lam = self.vr_lambda.to(v.dtype)
+            v = lam[0] * v0 + lam[1] * v
+        q, k = rms_norm(q), rms_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = causal_attention(q, k, v, backend)
+        if self.xsa:  # v_hat from the pre-VR v of the same position and KV group (a-sub)
+            group = self.num_heads // self.num_kv_heads
+            y = y.view(B, T, self.num_kv_heads, group, self.head_dim)
+            v_hat = F.normalize(v_raw, dim=-1).unsqueeze(3)  # (B, T, KV, 1, D)
+            y = (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(B, T, self.num_heads, self.head_dim)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(u)).unsqueeze(-1)
+        return self.proj(y.reshape(B, T, self.num_heads * self.head_dim)), v_raw
