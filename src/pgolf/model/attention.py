@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from pgolf.config import ModelConfig
 from pgolf.errors import ConfigError
+from pgolf.model.adapters import Adapter, add_delta
 from pgolf.model.layers import CastedLinear, apply_rotary, rms_norm
 
 log = logging.getLogger(__name__)
@@ -107,12 +108,12 @@ class CausalSelfAttention(nn.Module):
             nn.init.constant_(self.gate.bias, cfg.gate_bias_init)
 
     def forward(self, u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, v0: torch.Tensor | None,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                backend: str, adapter: Adapter | None = None, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """u: normalized block input (B, T, d). Returns (output (B, T, d), this layer's raw V)."""
         B, T, _ = u.shape
-        q = self.c_q(u).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(u).view(B, T, self.num_kv_heads, self.head_dim)
-        v_raw = self.c_v(u).view(B, T, self.num_kv_heads, self.head_dim)
+        q = add_delta(self.c_q(u), adapter, slot, "q", u).view(B, T, self.num_heads, self.head_dim)
+        k = add_delta(self.c_k(u), adapter, slot, "k", u).view(B, T, self.num_kv_heads, self.head_dim)
+        v_raw = add_delta(self.c_v(u), adapter, slot, "v", u).view(B, T, self.num_kv_heads, self.head_dim)
         v = v_raw
         if self.vr_lambda is not None and v0 is not None:
             lam = self.vr_lambda.to(v.dtype)
@@ -128,4 +129,5 @@ class CausalSelfAttention(nn.Module):
             y = (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(B, T, self.num_heads, self.head_dim)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(u)).unsqueeze(-1)
-        return self.proj(y.reshape(B, T, self.num_heads * self.head_dim)), v_raw
+        out = self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
+        return add_delta(out, adapter, slot, "o", u), v_raw

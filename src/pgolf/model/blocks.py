@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pgolf.config import ModelConfig
+from pgolf.model.adapters import Adapter, add_delta
 from pgolf.model.attention import CausalSelfAttention
 from pgolf.model.layers import CastedLinear, rms_norm
 
@@ -44,10 +45,13 @@ class Block(nn.Module):
         self.branch_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0  # LN scale s_l
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                v0: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                v0: torch.Tensor | None, backend: str, adapter: Adapter | None = None,
+                slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """`slot` is this application's index in the run order (the adapter hook's key)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        y, v_raw = self.attn(rms_norm(x) * self.branch_scale, cos, sin, v0, backend)
+        y, v_raw = self.attn(rms_norm(x) * self.branch_scale, cos, sin, v0, backend, adapter, slot)
         x = x + self.attn_scale.to(x.dtype) * y
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.branch_scale)
+        m_in = rms_norm(x) * self.branch_scale
+        x = x + self.mlp_scale.to(x.dtype) * add_delta(self.mlp(m_in), adapter, slot, "mlp", m_in)
         return x, v_raw

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from pgolf.config import ModelConfig
 from pgolf.errors import ConfigError
+from pgolf.model.adapters import HEAD_SLOT, Adapter, add_delta
 from pgolf.model.attention import attention_backend_in_use
 from pgolf.model.blocks import Block
 from pgolf.model.inputs import BigramHash, SmearGate
@@ -80,8 +81,11 @@ class GPT(nn.Module):
         return x
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                reduction: str = "mean") -> torch.Tensor:
-        """Softcapped fp32 logits (B, T, V); with targets, the fp32 CE (mean, or (B, T) for 'none')."""
+                reduction: str = "mean", adapter: Adapter | None = None) -> torch.Tensor:
+        """Softcapped fp32 logits (B, T, V); with targets, the fp32 CE (mean, or (B, T) for 'none').
+
+        `adapter` (pgolf.model.adapters) adds test-time deltas at every block application and the head.
+        """
         backend = self.attention_backend(idx.device)
         x0 = x = self.embed(idx)
         cos, sin = self.rotary(idx.size(1), idx.device)
@@ -89,13 +93,14 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder and skips:
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x, v_raw = block(x, x0, cos, sin, v0, backend)
+            x, v_raw = block(x, x0, cos, sin, v0, backend, adapter, slot=i)
             if i == 0:
                 v0 = v_raw
             if i < self.num_encoder and self.skip_weights is not None:
                 skips.append(x)
         x = rms_norm(x)
         z = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
+        z = add_delta(z, adapter, HEAD_SLOT, "head", x)
         cap = self.cfg.logit_softcap
         logits = cap * torch.tanh(z.float() / cap) if cap else z.float()
         if targets is None:
@@ -129,6 +134,11 @@ class GPT(nn.Module):
     @property
     def qat_enabled(self) -> bool:
         return self.blocks[0].attn.c_q.qat_on
+
+    @property
+    def num_slots(self) -> int:
+        """Block applications per forward pass (the adapter hook's slots 0 .. num_slots-1)."""
+        return len(self.blocks)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
