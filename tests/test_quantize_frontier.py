@@ -373,3 +373,12 @@ def test_lrzip_per_group_round_trip(tmp_path):
     loaded = load_artifact(tmp_path / "a.pgz")
     assert all(torch.equal(loaded[k], mem[k]) for k in state)
     assert A.compress("lrzip", b"pgolf" * 999) == A.compress("lrzip", b"pgolf" * 999)  # deterministic
+
+
+def test_the_frontier_presets_switch_every_quantizer_element_on():
+    from pgolf.config import PRESETS
+    from pgolf.quantize.compare import frontier_overrides
+
+    for name in ("frontier", "frontier-tiny", "frontier-debug"):
+        q = PRESETS[name]().quant
+        assert {k: getattr(q, k) for k in frontier_overrides()} == frontier_overrides(), name

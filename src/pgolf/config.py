@@ -506,12 +506,91 @@ def _debug() -> Config:
     )
 
 
+def _frontier() -> Config:
+    """The final audited top of the leaderboard (PR #1855's stack, technique-spec column (b), with the
+    accepted deltas of #1945/#1953/#2014/#2135, spec §10) on SP8192 CaseOps data scored through the byte
+    sidecar. Each element is a knob; this preset switches them on."""
+    base = _seed()
+    return replace(
+        base,
+        preset="frontier",
+        data=replace(
+            base.data,
+            data_path="data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+            tokenizer_path="data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+            dataset_id="romeerp/parameter-golf-caseops-v1/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+            data_variant="caseops8192",
+        ),
+        model=replace(
+            base.model, vocab_size=8192, mlp_mult=4.0, rope_dims=16, rope_ntk_ref_len=0, qk_gain_init=5.25,
+            value_residual=False, gated_attention=False, bigram_buckets=0, smear_gate=False,
+            xsa_last_n=11, ln_scale=True, bos_mask=True, orthogonal_min_dim=0,
+        ),
+        train=replace(
+            base.train, iterations=20_000, matrix_lr=0.026, muon_momentum=0.97, muon_momentum_warmup_start=0.92,
+            muon_momentum_warmup_steps=1500, muon_ns_coeffs="polar_express", muon_wd=0.095,
+            tied_embed_lr=0.03, scalar_lr=0.02, adam_beta2=0.99, ema_decay=0.9965, val_loss_every=0,
+        ),
+        # every quantizer element on (tests check this equals pgolf.quantize.compare.frontier_overrides())
+        quant=replace(
+            base.quant, calib_batches=32, row_clip="sdclip", sdclip_k=12.85, mlp_clip_sigmas=11.5,
+            attn_clip_sigmas=13.0, embed_bits=7, embed_clip="sdclip", embed_clip_sigmas=14.0, embed_gptq=True,
+            awq_lite_enabled=True, awq_lite_bits=8, awq_lite_group_top_k=1, awq_lite_group_size=64,
+            lowrank_rank=4, lowrank_tensors=3, lowrank_packing="asym", lowrank_group=64,
+            int8_row_tensors="*gate*", compress_groups=True, sort_rows="tok_emb,attn.c_q,mlp.fc",
+        ),
+        eval=replace(base.eval, eval_seq_len=2560, ngram_tilt_enabled=True, asym_logit_rescale=True),
+    )
+
+
+def _frontier_tiny() -> Config:
+    """`frontier` at the tiny shape, on CaseOps-transformed offline text (`pgolf data offline --caseops`)."""
+    base, tiny = _frontier(), _tiny()
+    return replace(
+        base,
+        preset="frontier-tiny",
+        data=replace(tiny.data, data_path="data/offline-caseops", tokenizer_path="data/offline-caseops/tokenizer.model",
+                     dataset_id="offline-sotu-brown-caseops", data_variant="sp1024"),
+        model=replace(base.model, vocab_size=tiny.model.vocab_size, num_layers=tiny.model.num_layers,
+                      model_dim=tiny.model.model_dim, num_heads=tiny.model.num_heads,
+                      num_kv_heads=tiny.model.num_kv_heads, xsa_last_n=tiny.model.num_layers),
+        train=replace(tiny.train, matrix_lr=base.train.matrix_lr, muon_ns_coeffs="polar_express",
+                      muon_wd=base.train.muon_wd, tied_embed_lr=base.train.tied_embed_lr,
+                      scalar_lr=base.train.scalar_lr, adam_beta2=base.train.adam_beta2),
+        quant=replace(base.quant, calib_batches=tiny.quant.calib_batches,
+                      passthrough_max_numel=tiny.quant.passthrough_max_numel),
+        eval=replace(tiny.eval, eval_seq_len=2 * tiny.train.train_seq_len, ngram_tilt_enabled=True,
+                     asym_logit_rescale=True),
+    )
+
+
+def _frontier_debug() -> Config:
+    """`frontier` at the debug shape: the smallest frontier code path, for tests."""
+    base, debug = _frontier_tiny(), _debug()
+    return replace(
+        base,
+        preset="frontier-debug",
+        model=replace(base.model, num_layers=debug.model.num_layers, model_dim=debug.model.model_dim,
+                      num_heads=debug.model.num_heads, num_kv_heads=debug.model.num_kv_heads,
+                      xsa_last_n=debug.model.num_layers),
+        train=replace(debug.train, matrix_lr=base.train.matrix_lr, muon_ns_coeffs="polar_express",
+                      muon_wd=base.train.muon_wd),
+        quant=replace(base.quant, calib_batches=debug.quant.calib_batches,
+                      passthrough_max_numel=debug.quant.passthrough_max_numel),
+        eval=replace(debug.eval, eval_seq_len=2 * debug.train.train_seq_len, ngram_tilt_enabled=True,
+                     asym_logit_rescale=True),
+    )
+
+
 PRESETS: dict[str, typing.Callable[[], Config]] = {
     "baseline": _baseline,
     "seed": _seed,
     "seed-plus": _seed_plus,
     "tiny": _tiny,
     "debug": _debug,
+    "frontier": _frontier,
+    "frontier-tiny": _frontier_tiny,
+    "frontier-debug": _frontier_debug,
 }
 
 
