@@ -1,4 +1,4 @@
-# Benchmark verbs (README: Performance). Each prints what it does.
+# Benchmark verbs (docs/performance.md). Each prints what it does.
 #
 #   make bench                       CPU report: bench/results/<utc>.{json,md,png}
 #   make bench BENCH_QUICK=1         the same pieces at the debug shape, for a smoke run (figures meaningless)

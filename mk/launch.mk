@@ -1,5 +1,5 @@
 # Cloud launch verbs: the Docker image and SkyPilot tasks (sky/*.yaml). Each prints what it does.
-# Details and a from-zero walkthrough: README.md, "Launch on 8×H100 SXM".
+# Details and a from-zero walkthrough: docs/launch.md.
 #
 #   make launch SEED=1337 IMAGE=ghcr.io/you/pgolf:TAG   one record attempt on 8 x H100 SXM
 #   make seeds SEEDS="1337 42 2025"                      three seeds, one cluster

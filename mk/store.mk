@@ -1,4 +1,4 @@
-# Store and results verbs (README: Storage and results). Each prints what it does.
+# Store and results verbs (docs/storage-and-results.md). Each prints what it does.
 #
 #   make store-up                      local S3 store: SeaweedFS on 127.0.0.1, data in .store/
 #   make store-down                    stop it
