@@ -28,7 +28,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--method", choices=("gptq", "rtn"), default=None, help="QUANT_METHOD")
     p.add_argument("--calib", choices=("train", "self"), default=None,
                    help="(re)collect Hessians first from train data or self-generated text (off the train clock)")
-    p.add_argument("--code-bytes", type=int, default=None, help="code bytes to count (default: raw package sources)")
+    p.add_argument("--code-bytes", type=int, default=None, help="code bytes to count (default: the train_gpt.py `pgolf submission build` would ship for this config)")
     p.add_argument("--compare", action="store_true",
                    help="quantize the same checkpoint several ways and print bytes and val_bpb of each")
     p.add_argument("--max-val-tokens", type=int, default=None, help="--compare: score only this many val tokens")
