@@ -1,9 +1,10 @@
 """Every command the docs show is a real one, every link goes somewhere, every figure file exists.
 
 A doc line that drifts from the code is the failure torchtitan's YAML shows (style.md §3): nothing
-tested it against the program it runs. So this test reads README.md and docs/*.md, takes each line of a
-fenced code block that runs `make` or `pgolf` (also `.venv/bin/pgolf`, `python -m pgolf.cli`, after
-`NAME=value` prefixes and inside `$(...)`), and checks it against the real thing:
+tested it against the program it runs. So this test reads README.md, docs/*.md and the bench/ and
+docker/ READMEs, takes each line of a fenced code block that runs `make` or `pgolf` (also
+`.venv/bin/pgolf`, `python -m pgolf.cli`, after `NAME=value` prefixes and inside `$(...)`), and
+checks it against the real thing:
 - `make`: each target is defined in Makefile or mk/*.mk, each `NAME=value` names a make variable
   there; `BENCH_ARGS` parses with bench/cpu.py's own parser and `LAUNCH_FLAGS` with `pgolf launch`'s;
 - `pgolf`: the real parser (`pgolf.cli.build_parser`) accepts the arguments, and each `NAME=value`
@@ -29,6 +30,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# other pages whose commands and links are checked too (not manuals: no README row needed)
+PAGES = [REPO / "bench" / "README.md", REPO / "bench" / "figures" / "README.md", REPO / "docker" / "README.md"]
 ENV_ASSIGN = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 # Environment names the CLI or the pipeline reads that are not config fields.
 EXTRA_ENV = {"PRESET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "HF_TOKEN",
@@ -97,7 +100,7 @@ def inline_spans(path: Path) -> list[tuple[int, str]]:
 
 def inline_commands() -> list[tuple[str, list[str]]]:
     out = []
-    for path in DOCS:
+    for path in DOCS + PAGES:
         for n, span in inline_spans(path):
             for tokens in split_command(span):
                 out.append((f"{path.relative_to(REPO)}:{n}", tokens))
@@ -106,7 +109,7 @@ def inline_commands() -> list[tuple[str, list[str]]]:
 
 def commands() -> list[tuple[str, list[str]]]:
     out = []
-    for path in DOCS:
+    for path in DOCS + PAGES:
         for n, line in fenced_lines(path):
             for tokens in split_command(line):
                 out.append((f"{path.relative_to(REPO)}:{n}", tokens))
@@ -299,7 +302,7 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 def test_relative_links_resolve() -> None:
     broken = []
-    for path in DOCS:
+    for path in DOCS + PAGES:
         for n, line in enumerate(path.read_text().splitlines(), 1):
             for target in LINK.findall(line):
                 if re.match(r"^[a-z]+:", target) or target.startswith("#"):
@@ -311,8 +314,8 @@ def test_relative_links_resolve() -> None:
 
 
 def test_manuals_link_both_ways() -> None:
-    # the front door lists every doc; each manual leads back (architecture.md is the other helper's
-    # reference page, linked from the README; its way back is its own choice)
+    # the front door lists every doc, and each manual leads back to it (architecture.md is the
+    # reference page of the rooms and arrows rather than a manual: linked from the README, not back)
     readme = (REPO / "README.md").read_text()
     for doc in DOCS[1:]:
         assert f"(docs/{doc.name}" in readme, f"README.md does not link docs/{doc.name}"
@@ -324,7 +327,7 @@ FIGURE = re.compile(r"bench/figures/[A-Za-z0-9_.\-/]*[A-Za-z0-9_]")
 
 
 def test_quoted_figure_files_exist() -> None:
-    named = {(doc, m) for doc in [*DOCS, REPO / "bench" / "README.md"]
+    named = {(doc, m) for doc in DOCS + PAGES
              for m in FIGURE.findall(doc.read_text())}
     assert named, "no doc names a bench/figures file"
     missing = sorted(f"{doc.relative_to(REPO)}: {m}" for doc, m in named if not (REPO / m).exists())
