@@ -332,3 +332,42 @@ def test_quoted_figure_files_exist() -> None:
     assert named, "no doc names a bench/figures file"
     missing = sorted(f"{doc.relative_to(REPO)}: {m}" for doc, m in named if not (REPO / m).exists())
     assert not missing, "figure files named but not committed:\n" + "\n".join(missing)
+
+
+# Dotted names that are not importable by design: a placeholder in an example, a logger name, and a
+# module that exists only inside the generated train_gpt.py.
+NOT_MODULES = {"pgolf.x", "pgolf.compile", "pgolf.__bundle__"}
+DOTTED = re.compile(r"\bpgolf(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+SOURCE_PATH = re.compile(r"\b(?:src/)?pgolf/[A-Za-z0-9_/]+\.py\b")
+
+
+def resolves(dotted: str) -> bool:
+    """True if `dotted` is a module, or an attribute reached from the longest importable module."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def test_named_modules_and_sources_exist() -> None:
+    # docs name modules (`pgolf.data.verify`), functions (`pgolf.train.train`) and files
+    # (`pgolf/data/fetch.py`); when code moves between rooms, the page that names it must move too
+    stale = []
+    for path in DOCS + PAGES:
+        text = path.read_text()
+        for dotted in sorted(set(DOTTED.findall(text)) - NOT_MODULES):
+            if not resolves(dotted):
+                stale.append(f"{path.relative_to(REPO)}: {dotted}")
+        for file in sorted(set(SOURCE_PATH.findall(text))):
+            if not (REPO / "src" / file.removeprefix("src/")).exists():
+                stale.append(f"{path.relative_to(REPO)}: {file}")
+    assert not stale, "docs name code that is not there:\n" + "\n".join(stale)
+    assert resolves("pgolf.data.verify.verify_dataset") and not resolves("pgolf.data.verify.no_such_name")
