@@ -300,17 +300,40 @@ def test_checker_has_teeth() -> None:
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
+def anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors of a markdown file: lower case, punctuation dropped, spaces to '-',
+    a repeated heading numbered -1, -2, ..."""
+    seen: dict[str, int] = {}
+    fence = False
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            fence = not fence
+        heading = None if fence else re.match(r"^#{1,6} (.*)", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            count = seen.get(slug, 0)
+            seen[slug] = count + 1
+            if count:
+                seen[f"{slug}-{count}"] = 1
+    return set(seen)
+
+
 def test_relative_links_resolve() -> None:
     broken = []
     for path in DOCS + PAGES:
         for n, line in enumerate(path.read_text().splitlines(), 1):
             for target in LINK.findall(line):
-                if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+                if re.match(r"^[a-z]+:", target):
                     continue
-                file = target.split("#", 1)[0]
-                if not (path.parent / file).exists():
+                file, _, anchor = target.partition("#")
+                dest = path.parent / file if file else path
+                if not dest.exists():
                     broken.append(f"{path.relative_to(REPO)}:{n}: {target}")
+                elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                    broken.append(f"{path.relative_to(REPO)}:{n}: {target} (no such heading)")
     assert not broken, "links to nothing:\n" + "\n".join(broken)
+    assert {"launch-on-8h100-sxm", "baseline-and-seed-are-their-sources-fixes-live-in-seed-plus"} <= (
+        anchors(REPO / "docs" / "launch.md") | anchors(REPO / "docs" / "model.md"))
 
 
 def test_manuals_link_both_ways() -> None:
