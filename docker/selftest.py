@@ -92,7 +92,7 @@ def compile_check(device: str, preset: str) -> list[str]:
     from pgolf.bench import at_shape
     from pgolf.compiled import Compiled
     from pgolf.model import build_model
-    from pgolf.optim import Muon, build_optimizers
+    from pgolf.train.optim import Muon, build_optimizers
 
     from pgolf.config import resolve
 

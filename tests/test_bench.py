@@ -284,7 +284,7 @@ def test_gpu_check_imports_without_optional_packages():
         "import importlib.util\n"
         f"spec = importlib.util.spec_from_file_location('gc', {str(REPO / 'bench' / 'gpu_check.py')!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "import pgolf.config, pgolf.model, pgolf.optim, pgolf.evaluate, pgolf.evaluate.ttt, pgolf.data.shards\n"
+        "import pgolf.config, pgolf.model, pgolf.train.optim, pgolf.evaluate, pgolf.evaluate.ttt, pgolf.data.shards\n"
         "print('ok')\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))

@@ -283,7 +283,7 @@ class StepRunner:
 
         from pgolf.compiled import maybe_compiled
         from pgolf.model import build_model
-        from pgolf.optim import build_optimizers
+        from pgolf.train.optim import build_optimizers
 
         self.device = torch.device(self.device)
         torch.manual_seed(self.cfg.train.seed)
@@ -345,7 +345,7 @@ class StepRunner:
     def newton_schulz_s(self) -> float:
         """Seconds of Muon's Newton-Schulz iterations alone over every matrix (the part ranks split), through
         the optimizer's own (compiled when TORCH_COMPILE is on) orthogonalization."""
-        from pgolf.optim import Muon
+        from pgolf.train.optim import Muon
 
         muon = next(opt for opt in self.opts.optimizers if isinstance(opt, Muon))
         mats = [p for g in muon.param_groups for p in g["params"]]
@@ -358,7 +358,7 @@ class StepRunner:
 
     def grad_bytes(self) -> tuple[int, int]:
         """(bytes all-reduced for gradients, bytes of Muon's bf16 update buffer) at this config."""
-        from pgolf.optim import Muon
+        from pgolf.train.optim import Muon
 
         grads = sum(p.numel() * p.element_size() for p in self.model.parameters())
         muon = sum(p.numel() * 2 for opt in self.opts.optimizers if isinstance(opt, Muon) for g in opt.param_groups

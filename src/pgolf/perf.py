@@ -95,7 +95,7 @@ def newton_schulz_cost(cfg: Config, rounds: int = 5) -> dict[str, Any]:
 
     from pgolf.compiled import Compiled
     from pgolf.model import build_model
-    from pgolf.optim import newton_schulz, ns_coefficients
+    from pgolf.train.optim import newton_schulz, ns_coefficients
 
     model = build_model(cfg.model, "cpu")
     mats = [p.detach().clone() + 0.01 * torch.randn_like(p) for _, p in model.param_groups()["matrix"]]

@@ -45,7 +45,7 @@ from pgolf.data.bpb import check_tokenizer_vocab, load_sentencepiece
 from pgolf.data.loader import DistributedTokenLoader
 from pgolf.data.shards import read_shard, shard_paths
 from pgolf.errors import DataError, PgolfError, TrainingError
-from pgolf.optim import Optimizers, build_optimizers, momentum_at
+from pgolf.train.optim import Optimizers, build_optimizers, momentum_at
 from pgolf.fileio import atomic_write_json
 from pgolf.train.runlog import RunLog, atomic_torch_save
 from pgolf.train.schedule import grad_accum_steps, lr_multiplier, train_cap_ms

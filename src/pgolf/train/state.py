@@ -7,7 +7,7 @@
   float tensor fp32 on CPU, the parameters taken from the EMA when there is one.
 * `save_state` / `load_state`: `checkpoint/state.pt` for long runs: live weights, optimizer state,
   EMA, loader position, RNG streams, step and train clock. Optimizer state is identical on every
-  rank (see pgolf.optim), and every rank's loader walks the same stream, so rank 0's copy is complete.
+  rank (see pgolf.train.optim), and every rank's loader walks the same stream, so rank 0's copy is complete.
 """
 
 from __future__ import annotations

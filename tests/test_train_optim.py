@@ -1,4 +1,4 @@
-"""Muon + AdamW groups (pgolf.optim): Newton-Schulz, the update rule, schedules, DDP sharing."""
+"""Muon + AdamW groups (pgolf.train.optim): Newton-Schulz, the update rule, schedules, DDP sharing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from pgolf import config
 from pgolf.errors import ConfigError
-from pgolf.optim import (
+from pgolf.train.optim import (
     NS_CLASSIC,
     NS_POLAR_EXPRESS,
     Muon,
