@@ -4,7 +4,7 @@
     PYTHONPATH=src python bench/gpu_check.py --device cpu --shape debug --micro-batch 0 --steps 2   # dry run
 
 For each preset (default `seed`; `--presets seed,seed-plus` for both), at full size, through the
-trainer's and evaluator's own compiled wrappers (pgolf.compiled: inductor, fullgraph):
+trainer's and evaluator's own compiled wrappers (pgolf.model.compiled: inductor, fullgraph):
   compile  the graphs each wrapper made against its plan: train_step (1, +1 with late QAT, compiled by
            flipping QAT once), newton_schulz (one per matrix shape), score and ttt_step (1 each), and
            no recompile during the timed steps
@@ -114,7 +114,7 @@ def measure_train(cfg, device, steps: int) -> dict[str, Any]:
     optimizer step); medians in ms; graphs per compiled wrapper against their plan."""
     import torch
 
-    from pgolf.compiled import compile_counts, compile_events, is_compiled
+    from pgolf.model.compiled import compile_counts, compile_events, is_compiled
 
     mark = len(compile_events())
     runner = B.StepRunner(cfg, device)
@@ -195,7 +195,7 @@ def measure_eval(cfg, device, batches: int, ttt_steps: int, gpus: int, deadline:
     from pgolf.evaluate.score import Tally, score_windows
     from pgolf.evaluate.ttt import Adapter, select_trainable
     from pgolf.evaluate.windows import plan_windows
-    from pgolf.compiled import compile_counts, compile_events, is_compiled, maybe_compiled
+    from pgolf.model.compiled import compile_counts, compile_events, is_compiled, maybe_compiled
     from pgolf.model import build_model
 
     e, seq = cfg.eval, cfg.eval_seq_len

@@ -4,7 +4,7 @@
 CUDA build, FA3, sentencepiece, boto3, zstandard, brotli and pgolf import, and a C file builds
 against Python.h (torch.compile needs both at run time). `--cuda` runs in the cloud setup step,
 before the data download: torch must also see the GPUs, FA3 must run a tiny attention on one of
-them, and torch.compile must build the training step exactly as training does (pgolf.compiled:
+them, and torch.compile must build the training step exactly as training does (pgolf.model.compiled:
 inductor, fullgraph, static shapes): forward + backward of the preset's stack at the `debug` size
 under bf16 autocast, and one Muon step with its compiled Newton-Schulz, with the expected number of
 graphs. `--cpu` runs the same compile check on the CPU (the test suite does, on every run).
@@ -90,7 +90,7 @@ def compile_check(device: str, preset: str) -> list[str]:
     import torch
 
     from pgolf.bench import at_shape
-    from pgolf.compiled import Compiled
+    from pgolf.model.compiled import Compiled
     from pgolf.model import build_model
     from pgolf.train.optim import Muon, build_optimizers
 

@@ -272,7 +272,7 @@ def test_compiled_path_pads_batches_and_warms_up_on_random_tokens(skip2, mode_re
     every call of a wrapper has the warm-up's signature (shape, grad mode, inference tensors), so each
     compiles exactly one graph, before any validation token is seen."""
     import pgolf.evaluate.core as core
-    from pgolf.compiled import call_signature
+    from pgolf.model.compiled import call_signature
 
     calls: list[tuple[str, dict[str, str], torch.Tensor]] = []
 

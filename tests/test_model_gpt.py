@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model_fixtures import SMALL, perturbed, tokens
-from pgolf.compiled import Compiled
+from pgolf.model.compiled import Compiled
 from pgolf.config import PRESETS, ModelConfig
 from pgolf.errors import ConfigError
 from pgolf.model import GPT, build_model

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model_fixtures import SMALL, perturbed, tokens
-from pgolf.compiled import Compiled
+from pgolf.model.compiled import Compiled
 from pgolf.model import GPT, CastedLinear, fake_quant_rows
 
 

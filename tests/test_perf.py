@@ -1,6 +1,6 @@
 """pgolf.perf: the bench's step and compression measurements, at sizes that run in seconds.
 
-The two compiled measurements (fake_quant_cost, newton_schulz_cost) only wrap pgolf.compiled, which
+The two compiled measurements (fake_quant_cost, newton_schulz_cost) only wrap pgolf.model.compiled, which
 test_compiled and the compiled-pipeline test cover; they run in `make bench`.
 """
 

@@ -356,7 +356,7 @@ def _compiled_ddp_rank(rank: int, rdv: str, out: str) -> None:
     import torch.distributed as tdist
 
     from pgolf.bench import at_shape
-    from pgolf.compiled import Compiled
+    from pgolf.model.compiled import Compiled
     from pgolf.model import build_model
     from pgolf.train.loop import data_parallel
 

@@ -281,7 +281,7 @@ class StepRunner:
     def __post_init__(self) -> None:
         import torch
 
-        from pgolf.compiled import maybe_compiled
+        from pgolf.model.compiled import maybe_compiled
         from pgolf.model import build_model
         from pgolf.train.optim import build_optimizers
 

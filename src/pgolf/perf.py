@@ -1,7 +1,7 @@
 """Measurements of what the step and the artifact cost beyond the model's own FLOPs, for `make bench`.
 
     fake_quant_cost(cfg)       compiled train step with QAT off vs on: generated kernels and ms (a graph
-                               that always traces the fake-quant, as before pgolf.compiled, is the QAT one)
+                               that always traces the fake-quant, as before pgolf.model.compiled, is the QAT one)
     newton_schulz_cost(cfg)    Muon's Newton-Schulz over every matrix, eager vs compiled (one graph per shape)
     overlap_cost(cfg)          2 gloo ranks: one flat all-reduce after backward (the previous trainer) vs
                                DDP buckets reduced during backward (the trainer now), ms per step
@@ -60,11 +60,11 @@ def generated_kernels(fn: Callable[[], Any]) -> int:
 def fake_quant_cost(cfg: Config, rounds: int = 5) -> dict[str, Any]:
     """The compiled train step (fwd + bwd) with QAT off and on: kernels generated and median ms.
 
-    Before pgolf.compiled the fake-quant was always in the graph (a 0/1 flag multiplied it away), so
+    Before pgolf.model.compiled the fake-quant was always in the graph (a 0/1 flag multiplied it away), so
     every seed step paid what the QAT-on column shows; now only late-QAT steps do."""
     import torch
 
-    from pgolf.compiled import Compiled
+    from pgolf.model.compiled import Compiled
     from pgolf.model import build_model
 
     torch.manual_seed(cfg.train.seed)
@@ -93,7 +93,7 @@ def newton_schulz_cost(cfg: Config, rounds: int = 5) -> dict[str, Any]:
     """Newton-Schulz over every Muon matrix of `cfg`'s model: eager vs compiled (ms, graphs)."""
     import torch
 
-    from pgolf.compiled import Compiled
+    from pgolf.model.compiled import Compiled
     from pgolf.model import build_model
     from pgolf.train.optim import newton_schulz, ns_coefficients
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from pgolf import dist
-from pgolf.compiled import compile_counts, compile_events, is_compiled, maybe_compiled
+from pgolf.model.compiled import compile_counts, compile_events, is_compiled, maybe_compiled
 from pgolf.config import Config
 from pgolf.fileio import atomic_write, atomic_write_json
 from pgolf.errors import ArtifactError, ConfigError

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as torch_dist
 
 from pgolf import dist
-from pgolf.compiled import compile_counts, compile_events, is_compiled, maybe_compiled
+from pgolf.model.compiled import compile_counts, compile_events, is_compiled, maybe_compiled
 from pgolf.config import Config
 from pgolf.data.bpb import check_tokenizer_vocab, load_sentencepiece
 from pgolf.data.loader import DistributedTokenLoader

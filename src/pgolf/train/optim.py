@@ -18,7 +18,7 @@ state is identical everywhere and a checkpoint from rank 0 is complete), but New
 expensive part, runs only on the rank that owns a matrix (round-robin); the orthogonalized updates
 travel in one flat buffer that is all-reduced (sum; non-owners contribute zeros). With
 TORCH_COMPILE on, Newton-Schulz is one compiled wrapper around `newton_schulz` holding one graph
-per matrix shape this rank owns (pgolf.compiled).
+per matrix shape this rank owns (pgolf.model.compiled).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pgolf.compiled import maybe_compiled
+from pgolf.model.compiled import maybe_compiled
 from pgolf.errors import ConfigError
 
 log = logging.getLogger(__name__)

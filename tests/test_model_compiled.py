@@ -1,4 +1,4 @@
-"""pgolf.compiled: each wrapper keeps its own graphs, counts them, and says why each one was compiled.
+"""pgolf.model.compiled: each wrapper keeps its own graphs, counts them, and says why each one was compiled.
 
 The counting does not depend on the backend, so these use the eager backend (Dynamo alone, no C++
 build); the inductor path is exercised by the selftest and the compiled-pipeline test.
@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from pgolf import compiled as C
+from pgolf.model import compiled as C
 from pgolf.config import PRESETS
 from pgolf.model import GPT, build_model
 
