@@ -1,4 +1,4 @@
-"""Store fixtures shared by test_store/test_sync/test_results/test_seaweed (import them by name).
+"""Store fixtures shared by test_store/test_store_sync/test_results/test_store_seaweed (import them by name).
 
 Real servers only: one SeaweedFS `weed mini` (SigV4 enforced, checksums verified, data on disk) and
 one moto ThreadedMotoServer (fast, no auth) for the whole pytest process, started on first use.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pgolf.seaweed import LocalSeaweed, find_weed
+from pgolf.store.seaweed import LocalSeaweed, find_weed
 from pgolf.store import S3Options, open_store
 
 TEST_BUCKET = "pgolf-test"

@@ -30,10 +30,10 @@ import yaml
 
 from pgolf import results
 from pgolf.cli import main
-from pgolf.runstore import MANIFEST, read_latest
-from pgolf.seaweed import LocalSeaweed
+from pgolf.store.runstore import MANIFEST, read_latest
+from pgolf.store.seaweed import LocalSeaweed
 from pgolf.store import open_store
-from pgolf.sync import RunSync
+from pgolf.store.sync import RunSync
 from store_fixtures import TEST_BUCKET, backend_env, make_run_dir, s3_options
 
 pytestmark = pytest.mark.slow

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from pgolf import results, runstore
+from pgolf import results
+from pgolf.store import runstore
 from pgolf.cli import main
 from pgolf.errors import DataError, StoreError
-from pgolf.runstore import MANIFEST, read_latest
+from pgolf.store.runstore import MANIFEST, read_latest
 from pgolf.store import open_store
 from pgolf.store.file import FileStore
-from pgolf.sync import RunSync
+from pgolf.store.sync import RunSync
 from store_fixtures import (TEST_BUCKET, backend, backend_env, make_run_dir,  # noqa: F401
                             s3_options, unique_uri)
 

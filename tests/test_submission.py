@@ -152,11 +152,13 @@ def test_module_level_import_of_an_excluded_module_fails_the_build(tmp_path):
     pkg = tmp_path / "pgolf"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "run.py").write_text("import pgolf.sync\n")
-    (pkg / "sync.py").write_text("import boto3\n")
-    with pytest.raises(bundlemod.BundleError, match="pgolf.run imports pgolf.sync at module level"):
+    (pkg / "run.py").write_text("import pgolf.store.sync\n")
+    (pkg / "store").mkdir()
+    (pkg / "store" / "__init__.py").write_text("")
+    (pkg / "store" / "sync.py").write_text("import boto3\n")
+    with pytest.raises(bundlemod.BundleError, match="pgolf.run imports pgolf.store.sync at module level"):
         bundlemod.collect_modules("pgolf.run", root=pkg)
-    (pkg / "run.py").write_text("def f():\n    import pgolf.sync\n")  # lazy: allowed, not embedded
+    (pkg / "run.py").write_text("def f():\n    import pgolf.store.sync\n")  # lazy: allowed, not embedded
     assert [m.name for m in bundlemod.collect_modules("pgolf.run", root=pkg)] == ["pgolf", "pgolf.run"]
 
 
@@ -225,10 +227,10 @@ def test_pgolf_is_not_importable_in_the_isolated_interpreter(tmp_path):
 
 
 def test_a_module_that_is_not_embedded_fails_loudly(forms_dir):
-    code = "import runpy, sys\nrunpy.run_path(sys.argv[1], run_name='x')\nimport pgolf.sync"
+    code = "import runpy, sys\nrunpy.run_path(sys.argv[1], run_name='x')\nimport pgolf.store.sync"
     proc = subprocess.run(isolated_cmd("-c", code, "raw.py"), cwd=forms_dir, env=clean_env(),
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "pgolf.sync is not embedded in this file" in proc.stderr
+    assert proc.returncode != 0 and "pgolf.store is not embedded in this file" in proc.stderr
 
 
 def test_readme_command_prints_the_compressed_program(tmp_path):

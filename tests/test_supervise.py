@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pgolf.cli import main
-from pgolf.runstore import read_latest
+from pgolf.store.runstore import read_latest
 from pgolf.store.file import FileStore
 
 PGOLF = Path(sys.executable).with_name("pgolf")

@@ -1,7 +1,7 @@
 """Bring run folders home from the store, tabulate them, and plot them.
 
 - pull: `<uri>/<run_id>/` -> `<dest>/<run_id>/`, driven by the run's newest committed generation
-  (`pgolf.runstore`). Resumable (files already present with the generation's sha256 are skipped),
+  (`pgolf.store.runstore`). Resumable (files already present with the generation's sha256 are skipped),
   verified (sha256 of every byte written; a mismatch is fetched once more, then is an error), and
   safe (keys that could escape the destination are refused). manifest.json is written last
   locally too, so a local folder with a manifest holds exactly that generation. `--all` takes the
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pgolf.errors import DataError, StoreError
-from pgolf.runstore import (COMPLETE, MANIFEST, FileEntry, Generation, RunNotFound, check_run_id,
+from pgolf.store.runstore import (COMPLETE, MANIFEST, FileEntry, Generation, RunNotFound, check_run_id,
                             list_runs, read_latest)
 from pgolf.store import (ChecksumMismatch, ObjectStore, S3Options, StoreUnavailable, open_store,
                          sha256_file)

@@ -1,7 +1,7 @@
 """`pgolf run`: one record attempt, end to end, into one run folder.
 
     train -> calibrate (on the train clock) -> quantize (rank 0) -> evaluate from the artifact file
-    -> summary.json + compliance.json -> final commit to the store (a generation, see pgolf.runstore)
+    -> summary.json + compliance.json -> final commit to the store (a generation, see pgolf.store.runstore)
 
 Plain python on CPU, `torchrun` on GPUs; every rank calls `pipeline`. Stages talk only through the
 run folder and small dataclasses; this module is the only place that chains them.
@@ -91,7 +91,7 @@ def prepare_run(cfg: Config, run_dir: Path, resume: bool, is_rank0: bool, device
             check_inputs(cfg, device)
             check_run_folder(run_dir, resume)
             if cfg.run.results_uri:
-                from pgolf.sync import RunSync
+                from pgolf.store.sync import RunSync
 
                 sync = RunSync(run_dir, cfg.run.results_uri,
                                every_seconds=cfg.run.sync_every_seconds,
@@ -109,7 +109,7 @@ def prepare_run(cfg: Config, run_dir: Path, resume: bool, is_rank0: bool, device
 
 def finished_summary(run_dir: Path) -> dict[str, Any] | None:
     """summary.json of a run folder whose last commit says complete (nothing left to resume)."""
-    from pgolf.sync import read_local_generation
+    from pgolf.store.sync import read_local_generation
 
     try:
         local = read_local_generation(run_dir)

@@ -9,7 +9,7 @@ cap), so on the node the sync runs around it, from the installed package:
 The run id is RUN_ID, else `<preset>-s<seed>-<UTC>-<hex>` chosen here and passed down as RUN_ID, so
 both processes name the same folder. The command gets RESULTS_URI="" (it must not try to sync
 itself). SIGTERM/SIGINT are forwarded to the command; the final sync runs after it exits, within
-SYNC_DEADLINE_SECONDS (the store layout and its guarantees: pgolf.runstore). Exit code:
+SYNC_DEADLINE_SECONDS (the store layout and its guarantees: pgolf.store.runstore). Exit code:
 the command's (128 + signal when a signal ended it), else non-zero when the final sync did not commit.
 """
 
@@ -48,7 +48,7 @@ def run_synced(command: Sequence[str], run_dir: Path, uri: str, *, run_id: str,
                deadline_s: float = 25.0) -> Supervised:
     """Run `command` with `env` (+ RUN_ID, RESULTS_URI=""), mirroring `run_dir` to `uri` meanwhile.
     The store is probed, and a run id that holds a committed run refused, before it starts."""
-    from pgolf.sync import RunSync
+    from pgolf.store.sync import RunSync
 
     if not command:
         raise ConfigError("pgolf results sync needs a command after `--`, e.g. -- torchrun ... train_gpt.py")

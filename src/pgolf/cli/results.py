@@ -1,6 +1,6 @@
 """`pgolf results pull|ls|plot|push|sync` and `pgolf store up|down|env|status`.
 
-No boto3/matplotlib at module level: handlers import pgolf.results / pgolf.seaweed, which import
+No boto3/matplotlib at module level: handlers import pgolf.results / pgolf.store.seaweed, which import
 the heavy libraries only where they are used.
 """
 
@@ -77,7 +77,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from pgolf.errors import StoreError
-    from pgolf.sync import RunSync, folder_status
+    from pgolf.store.sync import RunSync, folder_status
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -108,7 +108,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_store_up(args: argparse.Namespace) -> int:
-    from pgolf.seaweed import LocalSeaweed
+    from pgolf.store.seaweed import LocalSeaweed
 
     server = LocalSeaweed(args.dir)
     st = server.start(timeout_s=args.timeout)
@@ -119,7 +119,7 @@ def cmd_store_up(args: argparse.Namespace) -> int:
 
 
 def cmd_store_down(args: argparse.Namespace) -> int:
-    from pgolf.seaweed import LocalSeaweed
+    from pgolf.store.seaweed import LocalSeaweed
 
     stopped = LocalSeaweed(args.dir).stop()
     print("local store stopped" if stopped else "local store was not running")
@@ -127,7 +127,7 @@ def cmd_store_down(args: argparse.Namespace) -> int:
 
 
 def cmd_store_env(args: argparse.Namespace) -> int:
-    from pgolf.seaweed import LocalSeaweed
+    from pgolf.store.seaweed import LocalSeaweed
 
     # The one place a secret is printed: the user's own local store, for `eval "$(...)"`.
     for name, value in LocalSeaweed(args.dir).env().items():
@@ -136,7 +136,7 @@ def cmd_store_env(args: argparse.Namespace) -> int:
 
 
 def cmd_store_status(args: argparse.Namespace) -> int:
-    from pgolf.seaweed import LocalSeaweed
+    from pgolf.store.seaweed import LocalSeaweed
 
     server = LocalSeaweed(args.dir)
     st = server.state()

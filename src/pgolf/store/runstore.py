@@ -5,7 +5,7 @@
                                                path, size, sha256 and object key
     <uri>/<run_id>/manifest.json               the pointer: a copy of the newest generation
 
-The writer (`pgolf.sync.RunSync`) keeps one order, so a process killed at any instant leaves the
+The writer (`pgolf.store.sync.RunSync`) keeps one order, so a process killed at any instant leaves the
 newest committed generation whole (every object it names exists and hashes to its sha256):
 1. a new version of a file goes to a key that no generation names yet (the key carries the
    first 16 hex digits of its sha256), so a committed object is never overwritten;

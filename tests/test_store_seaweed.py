@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pgolf.errors import StoreError
-from pgolf.seaweed import GRPC_OFFSET, LocalSeaweed, _port_free, pick_ports
+from pgolf.store.seaweed import GRPC_OFFSET, LocalSeaweed, _port_free, pick_ports
 from pgolf.store import S3Options, open_store
 from store_fixtures import seaweed_server
 

@@ -7,7 +7,7 @@
     # leaving the block (normally, by an exception, or by SIGTERM/SIGINT) runs final(status):
     # one last round and a generation with the end status, within deadline_s; it never raises.
 
-The store layout and why a kill at any instant loses nothing: `pgolf.runstore`. manifest.json in
+The store layout and why a kill at any instant loses nothing: `pgolf.store.runstore`. manifest.json in
 the run folder is the newest generation this folder committed; it is written before the store's
 copy, so a folder is never behind the store it came from.
 
@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 from pgolf.errors import ConfigError, StoreError
 from pgolf.fileio import atomic_write_bytes
-from pgolf.runstore import (COMPLETE, GENERATIONS, KEEP_GENERATIONS, MANIFEST, RUNNING, FileEntry,
+from pgolf.store.runstore import (COMPLETE, GENERATIONS, KEEP_GENERATIONS, MANIFEST, RUNNING, FileEntry,
                             Generation, RunIdTaken, check_run_id, check_store, generation_key,
                             new_generation, new_lineage, object_key, parse_generation, read_latest)
 from pgolf.store import (ChecksumMismatch, ObjectStore, PreconditionFailed, S3Options,

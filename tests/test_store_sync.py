@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from pgolf.errors import ConfigError, StoreError
-from pgolf.runstore import MANIFEST, Generation, RunIdTaken, parse_generation, read_latest
-from pgolf.seaweed import LocalSeaweed
+from pgolf.store.runstore import MANIFEST, Generation, RunIdTaken, parse_generation, read_latest
+from pgolf.store.seaweed import LocalSeaweed
 from pgolf.store import S3Options, StoreUnavailable, open_store, sha256_file
 from pgolf.store.file import FileStore
-from pgolf.sync import RunSync, scan_run_dir
+from pgolf.store.sync import RunSync, scan_run_dir
 from store_fixtures import (TEST_BUCKET, backend, backend_env, make_run_dir,  # noqa: F401
                             s3_options, seaweed_server)
 
@@ -226,7 +226,7 @@ def test_server_killed_mid_sync_and_restarted(tmp_path: Path) -> None:
 CHILD = textwrap.dedent("""
     import logging, sys, time
     from pathlib import Path
-    from pgolf.sync import RunSync
+    from pgolf.store.sync import RunSync
     logging.basicConfig(level=logging.INFO)
     run, uri = Path(sys.argv[1]), sys.argv[2]
     run.mkdir(parents=True)
