@@ -97,7 +97,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     from pgolf import config as cfgmod
-    from pgolf.supervise import supervise
+    from pgolf.results.supervise import supervise
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     cfg = cfgmod.resolve()  # RUN_ID, RUNS_DIR, RESULTS_URI, SYNC_EVERY_SECONDS, PRESET, SEED as the command sees them
