@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgolf import launch as lib
+from pgolf.cloud import launch as lib
 from pgolf import results
 from pgolf.cli import build_parser
 
@@ -414,7 +414,7 @@ def test_phases_accumulate_into_json(tmp_path):
     assert node(["phase", "data", str(start)], env).returncode == 0
     phases = json.loads((tmp_path / "phases.json").read_text())
     assert 60 <= phases["setup"] <= 70 and 30 <= phases["data"] <= 35
-    from pgolf.cost import read_phases_file
+    from pgolf.cloud.cost import read_phases_file
 
     assert read_phases_file(tmp_path / "phases.json") == phases
 

@@ -212,7 +212,7 @@ def append_to_train_log(run_dir: Path, lines: list[str]) -> None:
 def write_summary(cfg: Config, run_dir: Path, trained: Any, calib_s: float, quant_result: Any,
                   post_quant: Any, final: Any, phases: Mapping[str, float],
                   enforce_time: bool = True) -> dict[str, Any]:
-    from pgolf.cost import run_cost
+    from pgolf.cloud.cost import run_cost
 
     t, q, e, post = _as_dict(trained), _as_dict(quant_result), _as_dict(final), _as_dict(post_quant)
     train_time_s = t.get("train_time_ms", 0.0) / 1000.0

@@ -63,7 +63,7 @@ def _seeds(args: argparse.Namespace, yaml_envs: dict) -> list[int]:
 
 
 def _base_envs(args: argparse.Namespace, yaml_envs: dict) -> dict[str, str]:
-    from pgolf.launch import parse_env_pairs
+    from pgolf.cloud.launch import parse_env_pairs
 
     local = cfgmod.env_overrides()  # config fields set in your shell (upper-case names)
     envs: dict[str, str] = {}
@@ -84,7 +84,7 @@ def _run_id(preset: str, seed: int) -> str:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from pgolf import launch as lib
+    from pgolf.cloud import launch as lib
 
     task = lib.read_task_yaml(args.task)
     yaml_envs = dict(task.get("envs") or {})

@@ -50,7 +50,7 @@ EXCLUDED = (
     "pgolf.stats",
     "pgolf.store",
     "pgolf.results",
-    "pgolf.launch",
+    "pgolf.cloud.launch",
     "pgolf.data.build",
     "pgolf.data.fetch",
     "pgolf.data.offline",

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from pgolf import cost
+from pgolf.cloud import cost
 from pgolf.errors import ConfigError
 
 # A record attempt on RunPod: 2 min boot, 3 min setup, 4 min data, 600 s train, 500 s eval, 1 min sync.

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pgolf import config as cfgmod
-from pgolf import launch as lib
+from pgolf.cloud import launch as lib
 from pgolf.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -335,7 +335,7 @@ def test_skypilot_failure_becomes_one_error_line_with_a_teardown_hint(fake_sky, 
 
 
 def test_cli_and_launch_modules_do_not_import_skypilot_or_torch():
-    code = ("import sys, pgolf.cli, pgolf.cli.launch, pgolf.launch, pgolf.cost; pgolf.cli.build_parser(); "
+    code = ("import sys, pgolf.cli, pgolf.cli.launch, pgolf.cloud.launch, pgolf.cloud.cost; pgolf.cli.build_parser(); "
             "bad = [m for m in ('sky', 'torch', 'boto3') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
