@@ -85,7 +85,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from pgolf import stats
+    from pgolf.submission import stats
     from pgolf.submission.runs import load_runs
 
     search = _search(args)

@@ -47,7 +47,6 @@ ENTRY = "pgolf.run"
 EXCLUDED = (
     "pgolf.cli",
     "pgolf.submission",
-    "pgolf.stats",
     "pgolf.store",
     "pgolf.results",
     "pgolf.cloud.launch",

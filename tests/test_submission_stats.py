@@ -1,4 +1,4 @@
-"""pgolf.stats: the hand-written Welch test against scipy, the rules, and the `pgolf stats` command."""
+"""pgolf.submission.stats: the hand-written Welch test against scipy, the rules, and the `pgolf stats` command."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pgolf import stats
+from pgolf.submission import stats
 from pgolf.cli import main
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -145,6 +145,6 @@ def test_stats_cli_refuses_a_missing_reference(capsys):
 
 
 def test_stats_module_does_not_import_torch():
-    code = "import sys, pgolf.stats, pgolf.cli.submission; print('torch' in sys.modules)"
+    code = "import sys, pgolf.submission.stats, pgolf.cli.submission; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

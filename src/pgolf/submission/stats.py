@@ -9,7 +9,7 @@ in bits per byte converts with the runs' measured bytes per token:
 
 Pure Python (no numpy, scipy or torch): Welch's t with the Welch-Satterthwaite degrees of freedom,
 and the Student-t CDF through the regularized incomplete beta function (continued fraction, modified
-Lentz). tests/test_stats.py checks it against scipy.stats.ttest_ind(equal_var=False).
+Lentz). tests/test_submission_stats.py checks it against scipy.stats.ttest_ind(equal_var=False).
 """
 
 from __future__ import annotations
