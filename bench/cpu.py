@@ -13,10 +13,10 @@ Every figure is measured in this run, on the offline corpus (data/offline, built
   4. evaluation throughput (targets/s) of rows, sliding and TTT on the seed-plus artifact
   5. `make demo` phases: from the newest tiny run folder under runs/ (metrics.jsonl, summary.json,
      quant_report.json), else the same stages timed in step 2 for the seed-plus stack
-  6. step overheads (pgolf.perf): the compiled train step with QAT off vs on (kernels, ms), Newton-Schulz
+  6. step overheads (pgolf.bench.perf): the compiled train step with QAT off vs on (kernels, ms), Newton-Schulz
      eager vs compiled, gradient averaging on 2 gloo ranks (flat after backward vs DDP buckets during
      it), host-to-device copies of the scoring loop
-  7. compression at full size (pgolf.perf): a seed-size int6 body drawn from the seed-plus artifact's own
+  7. compression at full size (pgolf.bench.perf): a seed-size int6 body drawn from the seed-plus artifact's own
      value distributions; the previous selection (threads) vs processes + probe, seconds and bytes
   8. evaluator extras (`--pieces evalx`, off by default): on one seed-plus artifact, sliding and TTT with
      the token-only n-gram tilt, AsymLogit and both, side by side with neither; sliding at an eval context
@@ -230,7 +230,7 @@ def quant_elements(cfg, run_dir: Path, quick: bool) -> dict[str, Any]:
     from dataclasses import replace
 
     from pgolf.config import resolve
-    from pgolf.perf import trained_artifact
+    from pgolf.bench.perf import trained_artifact
     from pgolf.quantize.compare import compare_methods, frontier_overrides, with_deltas
     from pgolf.quantize.estimate import estimate_artifact_bytes, pr1855_shapes
 
@@ -813,13 +813,13 @@ def main(argv: list[str] | None = None) -> int:
     if "step" in wanted:
         log("6/7 step overheads: fake-quant in the compiled step, Newton-Schulz, gradient overlap (2 gloo ranks), "
             "copies")
-        from pgolf import perf
+        from pgolf.bench import perf
 
         with timed(pieces, "step overheads"):
             rep["step"] = perf.step_overheads(stack_config("seed-plus", args, data, args.offline_dir), args.rounds)
     if "compress" in wanted:
         log("7/7 compression of a full-size int6 body: previous (threads) vs processes + probe")
-        from pgolf import perf
+        from pgolf.bench import perf
 
         with timed(pieces, "compression"):
             rep["compression"] = perf.compression_at_full_size(

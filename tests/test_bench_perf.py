@@ -1,4 +1,4 @@
-"""pgolf.perf: the bench's step and compression measurements, at sizes that run in seconds.
+"""pgolf.bench.perf: the bench's step and compression measurements, at sizes that run in seconds.
 
 The two compiled measurements (fake_quant_cost, newton_schulz_cost) only wrap pgolf.model.compiled, which
 test_compiled and the compiled-pipeline test cover; they run in `make bench`.
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf import perf
+from pgolf.bench import perf
 from pgolf.bench import at_shape
 from pgolf.quantize import artifact as A
 from pgolf.quantize.quantizer import matrix_keys_of, quantize_state_dict
