@@ -23,14 +23,7 @@ from pgolf.config import Config
 from pgolf.errors import ConfigError, PgolfError, StoreError
 from pgolf.fileio import atomic_write_json as write_json
 from pgolf.runid import check_run_id
-from pgolf.runinfo import (
-    CHALLENGE_EVAL_SECONDS,
-    CHALLENGE_TRAIN_SECONDS,
-    bundle_info,
-    collect_environment,
-    val_docs_in_training,
-    val_shards_in_training,
-)
+from pgolf.runinfo import CHALLENGE_EVAL_SECONDS, CHALLENGE_TRAIN_SECONDS, bundle_info, collect_environment
 
 log = logging.getLogger("pgolf.run")
 
@@ -45,6 +38,26 @@ def _as_dict(obj: Any) -> dict[str, Any]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def source_sha256() -> str | None:
+    """Identity of the code that ran: the bundle's digest, or the same digest of the package."""
+    if bundle_info():
+        return bundle_info().get("source_sha256")
+    try:  # the bundler is not embedded in the single file, which never gets here
+        from pgolf.submission.bundle import collect_modules, source_digest
+    except ImportError:
+        return None
+    return source_digest(collect_modules())
+
+
+def environment(cfg: Config, device: Any, world_size: int) -> dict[str, Any]:
+    """environment.json: pgolf.runinfo's facts, plus those only the rooms above it know."""
+    from pgolf.model import attention_backend_in_use
+    from pgolf.quantize.report import code_facts
+
+    return collect_environment(cfg, device, world_size, source_sha256=source_sha256(), code=code_facts(cfg),
+                               attention_backend=attention_backend_in_use(cfg.model, device))
 
 
 def check_inputs(cfg: Config, device: Any) -> None:
@@ -163,7 +176,7 @@ def pipeline(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]
     if is_rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", cfg.to_dict())
-        write_json(run_dir / "environment.json", collect_environment(cfg, device, world_size))
+        write_json(run_dir / "environment.json", environment(cfg, device, world_size))
     phase = PhaseTimer(run_dir, is_rank0)
 
     with sync if sync is not None else nullcontext():
@@ -213,6 +226,7 @@ def write_summary(cfg: Config, run_dir: Path, trained: Any, calib_s: float, quan
                   post_quant: Any, final: Any, phases: Mapping[str, float],
                   enforce_time: bool = True) -> dict[str, Any]:
     from pgolf.cloud.cost import run_cost
+    from pgolf.data.leakage import val_docs_in_training, val_shards_in_training
 
     t, q, e, post = _as_dict(trained), _as_dict(quant_result), _as_dict(final), _as_dict(post_quant)
     train_time_s = t.get("train_time_ms", 0.0) / 1000.0

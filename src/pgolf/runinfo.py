@@ -1,8 +1,12 @@
-"""Facts about a run that no stage owns: the environment fingerprint and the code it counts.
+"""Facts about a run that no stage owns: the environment fingerprint (shared ground).
 
 environment.json answers "what exactly ran this?": GPU model (and whether it is SXM), driver, CUDA,
 torch, triton, FlashAttention 3, NCCL, Python, CPU, git commit, the train_gpt.py that ran (path,
 bytes, sha256), image tag/digest, dataset id, shard count and the data manifest's sha256.
+
+This module imports no room above the shared ground: the facts that need one (the attention backend
+from pgolf.model, the code facts and source digest from the bundler) are handed to
+`collect_environment` by the pipeline (pgolf.run), which may import them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from pgolf import __version__
 from pgolf.config import Config
@@ -58,29 +62,13 @@ def git_commit(root: Path | None = None) -> str:
     return head + ("-dirty" if dirty else "")
 
 
-def source_sha256() -> str | None:
-    """Identity of the code that ran: the bundle's digest, or the same digest of the package."""
-    if bundle_info():
-        return bundle_info().get("source_sha256")
-    try:
-        from pgolf.submission.bundle import collect_modules, source_digest
-    except ImportError:
-        return None
-    return source_digest(collect_modules())
-
-
-def code_facts(cfg: Config) -> dict[str, Any]:
-    """What this run counts as code bytes, and why (environment.json, quant_report.json).
-
-    From a generated train_gpt.py (what `pgolf launch` runs): that file's own bytes and sha256, the
-    file a submission ships. From the package: `pgolf.submission.bundle.package_code_facts` (the
-    file a submission would ship; that code stays out of the counted file).
-    """
+def bundled_code_facts() -> dict[str, Any]:
+    """What a run from a generated train_gpt.py (what `pgolf launch` runs) counts as code bytes: that
+    file's own bytes and sha256, the file a submission ships; {} when running from the package (then
+    the bundler sizes the file a submission would ship: `pgolf.quantize.report.code_facts`)."""
     info = bundle_info()
     if not info:
-        from pgolf.submission.bundle import package_code_facts
-
-        return package_code_facts(cfg)
+        return {}
     path = Path(info["file"])
     data = path.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
@@ -136,57 +124,24 @@ def torch_facts(device: Any) -> dict[str, Any]:
     return facts
 
 
-def collect_environment(cfg: Config, device: Any, world_size: int) -> dict[str, Any]:
-    from pgolf.model import attention_backend_in_use
-
+def collect_environment(cfg: Config, device: Any, world_size: int, *, source_sha256: str | None,
+                        code: Mapping[str, Any], attention_backend: str) -> dict[str, Any]:
+    """environment.json. The caller (pgolf.run) supplies what only a room above this one knows: the
+    source digest and code facts (the bundler) and the attention backend in use (the model)."""
     return {
         "pgolf": __version__,
         "git_commit": git_commit(),
-        "source_sha256": source_sha256(),
-        **{k: v for k, v in code_facts(cfg).items() if k != "code_bytes_source"},
+        "source_sha256": source_sha256,
+        **{k: v for k, v in code.items() if k != "code_bytes_source"},
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "world_size": world_size,
         "image": cfg.run.image or None,
         "image_digest": cfg.run.image_digest or None,
-        "attention_backend": attention_backend_in_use(cfg.model, device),
+        "attention_backend": attention_backend,
         **gpu_facts(),
         **torch_facts(device),
         **data_facts(cfg),
     }
 
-
-def val_shards_in_training(data_path: str) -> int:
-    """How many validation shards the training stream could read: val files that are also train
-    files by name or by content (sha256, from the data manifest when it lists the file, else hashed).
-
-    Training and calibration read only `fineweb_train_*` through `shard_paths(..., "train")`, so a
-    non-zero count means the dataset itself leaks validation text into training (spec §7.1 item 9).
-    """
-    from pgolf.data.manifest import read_manifest
-    from pgolf.fileio import sha256_file
-    from pgolf.data.shards import shard_paths
-
-    data_dir = Path(data_path)
-    listed = {e["file"]: e.get("sha256") for e in (read_manifest(data_dir) or {"files": []})["files"]}
-
-    def digest(path: Path) -> str:
-        return listed.get(path.name) or sha256_file(path)
-
-    train, val = shard_paths(data_dir, "train"), shard_paths(data_dir, "val")
-    train_digests = {digest(p) for p in train}
-    train_names = {p.resolve() for p in train}
-    return sum(1 for p in val if p.resolve() in train_names or digest(p) in train_digests)
-
-
-def val_docs_in_training(data_path: str) -> dict[str, Any]:
-    """The dataset's document-level leakage check (pgolf.data.leakage.leakage_report): from its data
-    manifest when recorded there, else computed now; a failure to check is recorded, never raised."""
-    from pgolf.data.leakage import leakage_report
-    from pgolf.errors import PgolfError
-
-    try:
-        return leakage_report(data_path)
-    except PgolfError as exc:
-        return {"error": str(exc)}

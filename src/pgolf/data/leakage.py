@@ -17,6 +17,9 @@ Two checks, both cheap enough to run on every fetch:
     parallel threads and documents crossing a shard boundary are stitched afterwards.
 Exact duplicates occur naturally in web text, so up to MAX_OVERLAP_FRACTION of val documents may appear
 in train before the dataset is refused; the known leak was 80%. Every count is reported.
+
+A run's summary.json asks the same question of the data it trained on: `val_shards_in_training`
+(whole val shards also read as train) and `val_docs_in_training` (this report, never raised).
 """
 
 from __future__ import annotations
@@ -373,3 +376,36 @@ def record_in_manifest(data_dir: Path, report: LeakReport) -> None:
     data = json.loads(path.read_text(encoding="utf-8"))
     data["leakage_check"] = report.as_dict()
     atomic_write_json(path, data, default=None)
+
+
+def val_shards_in_training(data_path: str) -> int:
+    """How many validation shards the training stream could read: val files that are also train
+    files by name or by content (sha256, from the data manifest when it lists the file, else hashed).
+
+    Training and calibration read only `fineweb_train_*` through `shard_paths(..., "train")`, so a
+    non-zero count means the dataset itself leaks validation text into training (spec §7.1 item 9).
+    """
+    from pgolf.data.manifest import read_manifest
+    from pgolf.fileio import sha256_file
+
+    data_dir = Path(data_path)
+    listed = {e["file"]: e.get("sha256") for e in (read_manifest(data_dir) or {"files": []})["files"]}
+
+    def digest(path: Path) -> str:
+        return listed.get(path.name) or sha256_file(path)
+
+    train, val = shard_paths(data_dir, "train"), shard_paths(data_dir, "val")
+    train_digests = {digest(p) for p in train}
+    train_names = {p.resolve() for p in train}
+    return sum(1 for p in val if p.resolve() in train_names or digest(p) in train_digests)
+
+
+def val_docs_in_training(data_path: str) -> dict[str, Any]:
+    """The dataset's document-level leakage check (`leakage_report`): from its data manifest when
+    recorded there, else computed now; a failure to check is recorded, never raised."""
+    from pgolf.errors import PgolfError
+
+    try:
+        return leakage_report(data_path)
+    except PgolfError as exc:
+        return {"error": str(exc)}

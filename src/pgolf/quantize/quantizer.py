@@ -39,7 +39,7 @@ from pgolf.quantize.artifact import Entry, choose, dequantize_entry
 from pgolf.quantize.gptq import gptq_quantize, output_error
 from pgolf.quantize.groups import parse_roles
 from pgolf.quantize.meta import describe
-from pgolf.quantize.report import CODE_SOURCE_GIVEN, TensorRow, report_json, summary_lines
+from pgolf.quantize.report import CODE_SOURCE_GIVEN, TensorRow, code_facts, report_json, summary_lines
 
 log = logging.getLogger(__name__)
 
@@ -324,8 +324,6 @@ def quantize_checkpoint(
     if code_bytes is not None:
         code, code_source = int(code_bytes), CODE_SOURCE_GIVEN
     else:
-        from pgolf.runinfo import code_facts
-
         facts = code_facts(cfg)
         code, code_source = facts["code_bytes"], facts["code_bytes_source"]
     total = model_bytes + code

@@ -1,7 +1,7 @@
 """Size accounting and the per-tensor report (`quant_report.json`, the CLI table).
 
 Total = compressed model bytes (the artifact file size) + code bytes, against the decimal 16,000,000 B
-cap (technique-spec §4.3). Code bytes are those of the generated train_gpt.py (`pgolf.runinfo.code_facts`):
+cap (technique-spec §4.3). Code bytes are those of the generated train_gpt.py (`code_facts` below):
 the running file itself when a run executes one, else the file `pgolf submission build` would ship for
 the run's config; a caller may pass its own figure. `code_bytes_source` says which, in words.
 """
@@ -12,8 +12,27 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+from pgolf.runinfo import bundled_code_facts
 
 CODE_SOURCE_GIVEN = "given by the caller (--code-bytes)"
+
+
+def code_facts(cfg: Any) -> dict[str, Any]:
+    """What this run counts as code bytes, and why (quant_report.json, environment.json).
+
+    From a generated train_gpt.py (what `pgolf launch` runs): that file's own bytes and sha256, the
+    file a submission ships. From the package: `pgolf.submission.bundle.package_code_facts` (the
+    file a submission would ship). The bundler is imported only on that path: the single file does
+    not embed it (its bytes would count), and a run from the single file never reaches it.
+    """
+    facts = bundled_code_facts()
+    if facts:
+        return facts
+    from pgolf.submission.bundle import package_code_facts
+
+    return package_code_facts(cfg)
 
 
 @dataclass

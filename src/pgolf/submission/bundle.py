@@ -474,7 +474,7 @@ def shipped_code_bytes(cfg: "Config", form: Form = "compressed", commit: str | N
 
 
 def package_code_facts(cfg: "Config") -> dict[str, Any]:
-    """`runinfo.code_facts` for a run of the package: the train_gpt.py `pgolf submission build`
+    """`pgolf.quantize.report.code_facts` for a run of the package: the train_gpt.py `pgolf submission build`
     would ship for this config (compressed form when python-minifier is installed, else raw)."""
     import json
 
