@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Iterator
 
 from pgolf.errors import StoreError
-from pgolf.store import (ObjectNotFound, ObjInfo, PreconditionFailed, check_sha, copy_hashing,
-                         receive_verified, sha256_bytes, sha256_file, validate_key)
+from pgolf.store.base import (ObjectNotFound, ObjInfo, PreconditionFailed, check_sha, copy_hashing,
+                              receive_verified, sha256_bytes, sha256_file, validate_key)
 
 META_DIR = ".meta"
 
@@ -54,7 +54,7 @@ class FileStore:
         is not mounted fails here instead of filling the local disk."""
         if not self.root.is_dir() and not self.root.parent.is_dir():
             raise StoreError(f"{self.uri}: neither {self.root} nor its parent exists (is the disk "
-                             "mounted?): create the folder or fix the URI")
+                                  "mounted?): create the folder or fix the URI")
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -63,7 +63,7 @@ class FileStore:
         segs = key.split("/")
         if segs[0] == META_DIR or any(is_temp_name(s) for s in segs):
             raise StoreError(f"unsafe object key {key!r} for {self.uri}: '{META_DIR}/' and "
-                             "'.<name>.tmp-*' names are reserved by the file:// store")
+                                  "'.<name>.tmp-*' names are reserved by the file:// store")
         return key
 
     def _data(self, key: str) -> Path:
@@ -80,10 +80,10 @@ class FileStore:
             anc = self.root.joinpath(*segs[:i])
             if anc.is_file():
                 raise StoreError(f"key {key!r} conflicts with object {'/'.join(segs[:i])!r} in "
-                                 f"{self.uri}: a file:// store cannot hold both; rename one")
+                                      f"{self.uri}: a file:// store cannot hold both; rename one")
         if self._data(key).is_dir():
             raise StoreError(f"key {key!r} conflicts with existing keys under {key + '/'!r} in "
-                             f"{self.uri}: a file:// store cannot hold both; rename one")
+                                  f"{self.uri}: a file:// store cannot hold both; rename one")
 
     # -- metadata ------------------------------------------------------------------------------
 
@@ -131,7 +131,7 @@ class FileStore:
                     current = self._info(key)
                     if current is None or current.etag != if_match:
                         raise PreconditionFailed(f"{self.uri}/{key} changed (etag is not "
-                                                 f"{if_match[:16]}…): re-read it and retry")
+                                                      f"{if_match[:16]}…): re-read it and retry")
                     os.replace(tmp, final)
                     self._write_meta(key, sha, dict(metadata or {}))
             elif if_absent:
@@ -139,7 +139,7 @@ class FileStore:
                     os.link(tmp, final)
                 except FileExistsError:
                     raise PreconditionFailed(f"{self.uri}/{key} already exists: if_absent "
-                                             "refuses to overwrite it") from None
+                                                  "refuses to overwrite it") from None
                 tmp.unlink()
                 self._write_meta(key, sha, dict(metadata or {}))
             else:
@@ -167,7 +167,7 @@ class FileStore:
             fh.flush()
             os.fsync(fh.fileno())
         return self._commit(key, tmp, sha256_bytes(data), if_absent=if_absent,
-                            if_match=if_match, metadata=metadata)
+                                 if_match=if_match, metadata=metadata)
 
     def put_file(self, key: str, path: str | Path, *, if_absent: bool = False,
                  metadata: dict[str, str] | None = None) -> ObjInfo:

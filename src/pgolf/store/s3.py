@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pgolf.errors import StoreError
-from pgolf.store import (ChecksumMismatch, ObjectNotFound, ObjInfo, PreconditionFailed,
-                         S3Options, StoreUnavailable, check_sha, join_key,
-                         receive_verified, sha256_bytes, validate_key)
+from pgolf.store.base import (ChecksumMismatch, ObjectNotFound, ObjInfo, PreconditionFailed,
+                              S3Options, StoreUnavailable, check_sha, join_key,
+                              receive_verified, sha256_bytes, validate_key)
 from pgolf.fileio import sha256_fileobj
 
 log = logging.getLogger(__name__)
@@ -107,48 +107,48 @@ class S3Store:
             err = exc.response.get("Error", {})
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             raise self._client_error(op, where, str(err.get("Code", status)), status,
-                                     str(err.get("Message", ""))) from None
+                                          str(err.get("Message", ""))) from None
         except S3UploadFailedError as exc:  # s3transfer flattens the ClientError into text
             match = re.search(r"\(([A-Za-z0-9]+)\)", str(exc))
             raise self._client_error(op, where, match.group(1) if match else "UploadFailed",
-                                     None, "") from None
+                                          None, "") from None
         except (bex.ConnectionError, bex.HTTPClientError) as exc:
             raise StoreUnavailable(f"cannot reach the S3 endpoint {endpoint} for {op} {where} "
-                                   f"({type(exc).__name__}): is the store up? (make store-up, "
-                                   "or check AWS_ENDPOINT_URL_S3)") from None
+                                        f"({type(exc).__name__}): is the store up? (make store-up, "
+                                        "or check AWS_ENDPOINT_URL_S3)") from None
         except (bex.NoCredentialsError, bex.PartialCredentialsError):
             raise StoreError(f"no AWS credentials for {self.uri}: set AWS_ACCESS_KEY_ID/"
-                             "AWS_SECRET_ACCESS_KEY (local store: eval \"$(pgolf store env)\")"
-                             ) from None
+                                  "AWS_SECRET_ACCESS_KEY (local store: eval \"$(pgolf store env)\")"
+                                  ) from None
         except bex.FlexibleChecksumError:
             raise ChecksumMismatch(f"checksum mismatch downloading {where}: the object is "
-                                   "corrupt or changed mid-read; retry or re-upload it") from None
+                                        "corrupt or changed mid-read; retry or re-upload it") from None
 
     def _client_error(self, op: str, where: str, code: str, status: int | None,
                       message: str) -> StoreError:
         if code in CREDENTIAL_CODES:
             return StoreError(f"S3 rejected the credentials for s3://{self.bucket} ({code}): "
-                              "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+                                   "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
         if code in ("403", "AccessDenied", "Forbidden"):
             return StoreError(f"S3 denied {op} on {where} ({code}): check AWS_ACCESS_KEY_ID/"
-                              "AWS_SECRET_ACCESS_KEY and the bucket's permissions")
+                                   "AWS_SECRET_ACCESS_KEY and the bucket's permissions")
         if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
             return PreconditionFailed(f"conditional {op} on {where} failed ({code}): the object "
-                                      "exists or changed; re-read it and retry")
+                                           "exists or changed; re-read it and retry")
         if code in ("NoSuchBucket",):
             return StoreError(f"bucket s3://{self.bucket} does not exist at "
-                              f"{self.client.meta.endpoint_url}: create it or fix the URI "
-                              "(pgolf store up creates pgolf-results)")
+                                   f"{self.client.meta.endpoint_url}: create it or fix the URI "
+                                   "(pgolf store up creates pgolf-results)")
         if code in ("NoSuchKey", "404", "NotFound"):
             return ObjectNotFound(f"no object {where}: check the key (pgolf results ls)")
         if code in TRANSIENT_CODES or (status or 0) >= 500:
             return StoreUnavailable(f"S3 {op} {where} failed ({code}, HTTP {status}): the "
-                                    "store is overloaded or restarting; retry later")
+                                         "store is overloaded or restarting; retry later")
         if code in ("BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"):
             return ChecksumMismatch(f"S3 rejected {op} {where} ({code}): the bytes changed "
-                                    "between hashing and upload; retry")
+                                         "between hashing and upload; retry")
         return StoreError(f"S3 {op} {where} failed ({code}, HTTP {status}): "
-                          f"{message.splitlines()[0] if message else 'no message'}")
+                               f"{message.splitlines()[0] if message else 'no message'}")
 
     @staticmethod
     def _info(key: str, resp: dict[str, Any]) -> ObjInfo:
@@ -168,8 +168,8 @@ class S3Store:
     def _put_object(self, key: str, body: Any, sha: str, size: int, if_absent: bool,
                     if_match: str | None, metadata: dict[str, str] | None) -> ObjInfo:
         args: dict[str, Any] = dict(Bucket=self.bucket, Key=self._k(key), Body=body,
-                                    Metadata={**(metadata or {}), "sha256": sha},
-                                    ChecksumSHA256=_b64_sha(sha))
+                                         Metadata={**(metadata or {}), "sha256": sha},
+                                         ChecksumSHA256=_b64_sha(sha))
         if if_absent:
             args["IfNoneMatch"] = "*"
         if if_match is not None:
@@ -195,11 +195,11 @@ class S3Store:
             extra = {"Metadata": {**(metadata or {}), "sha256": sha}, "ChecksumAlgorithm": "SHA256"}
             with self._errors("upload", key):
                 self.client.upload_fileobj(fh, self.bucket, self._k(key), ExtraArgs=extra,
-                                           Config=self.transfer)
+                                                Config=self.transfer)
         info = self.head(key)
         if info is None or info.size != size:
             raise StoreError(f"upload of {self._where(key)} did not stick (size "
-                             f"{None if info is None else info.size} != {size}); retry")
+                                  f"{None if info is None else info.size} != {size}); retry")
         return info
 
     # -- reads ---------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ class S3Store:
                         # HEAD responses have no body, so no error code: ask a GET-style call,
                         # which names the cause (InvalidAccessKeyId, SignatureDoesNotMatch, ...).
                         self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._k(key),
-                                                    MaxKeys=1)
+                                                         MaxKeys=1)
                     raise
         except ObjectNotFound:
             return None
@@ -228,7 +228,7 @@ class S3Store:
     def _get(self, key: str) -> dict[str, Any]:
         with self._errors("get", key):
             return self.client.get_object(Bucket=self.bucket, Key=self._k(key),
-                                          ChecksumMode="ENABLED")
+                                               ChecksumMode="ENABLED")
 
     def get_bytes(self, key: str) -> bytes:
         resp = self._get(key)
@@ -259,9 +259,9 @@ class S3Store:
             for obj in resp.get("Contents", []):
                 key = obj["Key"][len(root):]
                 yield ObjInfo(key=key, size=int(obj.get("Size", 0)),
-                              etag=(obj.get("ETag") or "").strip('"') or None,
-                              mtime=obj["LastModified"].timestamp() if obj.get("LastModified")
-                              else None)
+                                   etag=(obj.get("ETag") or "").strip('"') or None,
+                                   mtime=obj["LastModified"].timestamp() if obj.get("LastModified")
+                                   else None)
             if not resp.get("IsTruncated"):
                 return
             args["ContinuationToken"] = resp["NextContinuationToken"]
@@ -297,7 +297,7 @@ class S3Store:
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 if status == 404:
                     raise self._client_error("head bucket", self.uri, "NoSuchBucket", 404,
-                                             "") from None
+                                                  "") from None
                 if status in (400, 403):  # no body on HEAD: a listing names the cause
                     self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
                 raise
