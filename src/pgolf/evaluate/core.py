@@ -5,7 +5,7 @@
       ─► for each chunk: score, commit, [adapt]
       ─► all-reduce float64 sums (and the audit array) ─► eval_summary.json (+ .npz), rank 0
 
-Compiled graphs (TORCH_COMPILE; pgolf.compiled): `score` (one, under the mode's grad context:
+Compiled graphs (TORCH_COMPILE; pgolf.model.compiled): `score` (one, under the mode's grad context:
 inference_mode for rows/sliding, no_grad for TTT) and, in TTT mode, `ttt_step` (one). The warm-up
 runs the very code path of scoring and adapting (same batch builder, same grad mode, same kind of
 input tensors) on random tokens, so nothing compiles on validation tokens or inside the loop. The

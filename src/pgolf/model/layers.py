@@ -31,7 +31,7 @@ class CastedLinear(nn.Linear):
     With `qat_bits` > 0, `qat_on` (a plain bool, not saved in the state dict) turns on straight-through
     fake quantization: w_eff = w + (fake_quant(w) - w).detach(). torch.compile guards on the bool, so
     flipping it switches to a second graph with the fake-quant traced in (spec §7.1 item 7: never
-    frozen at trace time), and a run that never turns QAT on never traces it (pgolf.compiled).
+    frozen at trace time), and a run that never turns QAT on never traces it (pgolf.model.compiled).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,

@@ -14,7 +14,7 @@ Clock: starts at the first real step, pauses during validation and checkpoint wr
 run once elapsed + GPTQ_RESERVE_SECONDS >= MAX_WALLCLOCK_SECONDS on any rank (max over ranks), so
 the quantizer's calibration fits in the reserve. The step at which the cap trips is the last one.
 
-Compiled graphs (TORCH_COMPILE; pgolf.compiled): `train_step` (1, or 2 with late QAT), `val_nll`
+Compiled graphs (TORCH_COMPILE; pgolf.model.compiled): `train_step` (1, or 2 with late QAT), `val_nll`
 (1, or 2 with late QAT) and Muon's `newton_schulz` (one per matrix shape); each compile is a
 `compile` line in train.log and event in metrics.jsonl, with its reason. Under torchrun, gradients
 are averaged by DDP around the (compiled) step: bucketed all-reduces fire during the backward pass
