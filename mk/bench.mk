@@ -29,3 +29,8 @@ gpu-check: ## one GPU, <= 6 min: compile counts, attention kernel, seed step tim
 bench-data: venv ## data figures: CaseOps speed, sidecar, leakage check s/GB, bytes/token -> bench/results/data-*
 	@echo ">> data bench$(if $(BENCH_QUICK), (quick)): CaseOps transform + sidecar on the offline corpus, leakage check on a synthetic export"
 	$(VPY) bench/data.py $(if $(BENCH_QUICK),--quick) $(BENCH_DATA_ARGS)
+
+.PHONY: bench-frontier
+bench-frontier: venv ## frontier vs seed vs baseline at equal steps, then one element off at a time -> bench/results/frontier-*
+	@echo ">> frontier ablation$(if $(BENCH_QUICK), (quick: debug shapes)): same tokens, same seed, one element off per row"
+	$(VPY) bench/ablation.py $(if $(BENCH_QUICK),--quick) $(if $(BENCH_STEPS),--steps $(BENCH_STEPS)) $(BENCH_ABLATION_ARGS)
