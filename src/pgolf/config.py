@@ -62,7 +62,28 @@ class ModelConfig:
     # BigramHash and SmearGate never reach across a BOS (or into position 0); PR #490 has no such mask
     bos_mask: bool = False
     xsa_last_n: int = 0  # exclusive self-attention on the last N layers
-    ln_scale: bool = False  # scale normalized branch inputs by 1/sqrt(layer+1)
+    ln_scale: bool = False  # scale normalized branch inputs by 1/sqrt(layer+1), layer = physical index
+    # ---- PR #1855's elements (technique-spec §2.1-2.4 column (b)); every one off here, on in `frontier*`
+    # depth recurrence: physical layers LOOP_START..LOOP_END (inclusive) run NUM_LOOPS extra times once
+    # looping is on (#1855: 3..5, 2 -> 17 block applications); 0 = off
+    num_loops: int = 0
+    loop_start: int = 3
+    loop_end: int = 5
+    # training fraction (max of step/ITERATIONS and elapsed/cap) at which the trainer switches looping on
+    # (#1855: 0.35); 0 = looping from the first step. Evaluation always runs a recurrent model looped.
+    enable_looping_at: float = 0.35
+    # two residual lanes (attention / MLP) in the decoder from physical layer PARALLEL_START_LAYER on
+    parallel_lanes: bool = False
+    parallel_start_layer: int = 8
+    # U-Net skips blended by a learned per-channel gate: x <- lerp(w*skip, x, sigmoid(g)), g init 0
+    skip_gates: bool = False
+    # sparse per-head attention gate on the first GATE_WINDOW channels: y_h <- sigmoid(0.5 w_h u[:12]) y_h
+    sparse_attn_gate: bool = False
+    # #1855's BOS-masked SmearGate on raw embeddings: x_t += lam*sigmoid(w x_t[:12]) x_{t-1} (not at BOS)
+    bos_smear_gate: bool = False
+    gate_window: int = 12  # input channels of the sparse attention gate and the BOS SmearGate (#1855: 12)
+    # attention never crosses a BOS inside a packed row (FA3 varlen on CUDA, a block mask on SDPA)
+    doc_isolation: bool = False
     # linear init: "default" keeps nn.Linear's own (upstream baseline); "orthogonal" is PR #490's rule,
     # orthogonal where both dims >= orthogonal_min_dim (the PR: 64), else left as drawn
     weight_init: Literal["default", "orthogonal"] = "orthogonal"
@@ -273,6 +294,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "qk_gain_init": (0, 1e3), "gate_bias_init": (0, 100), "bigram_buckets": (0, 1 << 24),
     "bigram_dim": (1, 32_768), "xsa_last_n": (0, 256), "qat_bits": (2, 8),
     "orthogonal_min_dim": (0, 32_768),
+    "num_loops": (0, 64), "loop_start": (0, 255), "loop_end": (0, 255), "enable_looping_at": (0, 1),
+    "parallel_start_layer": (0, 256), "gate_window": (1, 32_768),
     "seed": (0, 2**32 - 1),  # numpy's seed range
     "iterations": (0, 10**9), "train_batch_tokens": (2, 1 << 34), "train_seq_len": (2, 1 << 20),
     "micro_batch_seqs": (1, 1 << 16), "max_wallclock_seconds": (0, 365 * DAY_S),
@@ -337,6 +360,16 @@ def validate(cfg: Config) -> None:
         _fail("NUM_LAYERS, VOCAB_SIZE and MLP_MULT*MODEL_DIM must be positive")
     if m.vocab_size > 65_536:
         _fail(f"VOCAB_SIZE={m.vocab_size} does not fit the uint16 shard format (max 65536)")
+    if m.num_loops and not m.loop_start <= m.loop_end < m.num_layers:
+        _fail(f"LOOP_START={m.loop_start}..LOOP_END={m.loop_end} must be a span inside NUM_LAYERS={m.num_layers}")
+    if m.parallel_lanes and m.num_loops and m.parallel_start_layer <= m.loop_end:
+        _fail(f"PARALLEL_START_LAYER={m.parallel_start_layer} must come after the looped span (LOOP_END={m.loop_end})")
+    if (m.sparse_attn_gate or m.bos_smear_gate) and m.gate_window > min(m.model_dim, 32_768):
+        _fail(f"GATE_WINDOW={m.gate_window} exceeds MODEL_DIM={m.model_dim}")
+    if m.smear_gate and m.bos_smear_gate:
+        _fail("SMEAR_GATE and BOS_SMEAR_GATE are two variants of one element; switch one off")
+    if m.gated_attention and m.sparse_attn_gate:
+        _fail("GATED_ATTENTION and SPARSE_ATTN_GATE are two variants of one element; switch one off")
     if m.bigram_buckets and m.bigram_buckets < 2:
         _fail(f"BIGRAM_BUCKETS={m.bigram_buckets} must be 0 (off) or >= 2")
     if t.train_batch_tokens < t.train_seq_len or t.train_batch_tokens % t.train_seq_len:
@@ -525,6 +558,11 @@ def _frontier() -> Config:
             base.model, vocab_size=8192, mlp_mult=4.0, rope_dims=16, rope_ntk_ref_len=0, qk_gain_init=5.25,
             value_residual=False, gated_attention=False, bigram_buckets=0, smear_gate=False,
             xsa_last_n=11, ln_scale=True, bos_mask=True, orthogonal_min_dim=0,
+            # spec §2.1/§2.3 (b): layers 3-5 looped 3x from 35% of training, lanes from layer 8, gated skips,
+            # sparse attention gate and BOS-fixed SmearGate (window 12), document-isolated attention
+            num_loops=2, loop_start=3, loop_end=5, enable_looping_at=0.35, parallel_lanes=True,
+            parallel_start_layer=8, skip_gates=True, sparse_attn_gate=True, bos_smear_gate=True, gate_window=12,
+            doc_isolation=True,
         ),
         train=replace(
             base.train, iterations=20_000, matrix_lr=0.026, muon_momentum=0.97, muon_momentum_warmup_start=0.92,
@@ -553,7 +591,9 @@ def _frontier_tiny() -> Config:
                      dataset_id="offline-sotu-brown-caseops", data_variant="sp1024"),
         model=replace(base.model, vocab_size=tiny.model.vocab_size, num_layers=tiny.model.num_layers,
                       model_dim=tiny.model.model_dim, num_heads=tiny.model.num_heads,
-                      num_kv_heads=tiny.model.num_kv_heads, xsa_last_n=tiny.model.num_layers),
+                      num_kv_heads=tiny.model.num_kv_heads, xsa_last_n=tiny.model.num_layers,
+                      # 4 layers: layers 1-2 looped 3x -> [0,1,2,1 | 2,1,2,3], lanes on layer 3
+                      loop_start=1, loop_end=2, parallel_start_layer=3),
         train=replace(tiny.train, matrix_lr=base.train.matrix_lr, muon_ns_coeffs="polar_express",
                       muon_wd=base.train.muon_wd, tied_embed_lr=base.train.tied_embed_lr,
                       scalar_lr=base.train.scalar_lr, adam_beta2=base.train.adam_beta2),
@@ -570,9 +610,10 @@ def _frontier_debug() -> Config:
     return replace(
         base,
         preset="frontier-debug",
-        model=replace(base.model, num_layers=debug.model.num_layers, model_dim=debug.model.model_dim,
+        # 3 layers (debug has 2), so every element has a place: layer 1 looped 3x -> [0,1 | 1,1,2], lanes on 2
+        model=replace(base.model, num_layers=3, model_dim=debug.model.model_dim,
                       num_heads=debug.model.num_heads, num_kv_heads=debug.model.num_kv_heads,
-                      xsa_last_n=debug.model.num_layers),
+                      xsa_last_n=3, loop_start=1, loop_end=1, parallel_start_layer=2),
         train=replace(debug.train, matrix_lr=base.train.matrix_lr, muon_ns_coeffs="polar_express",
                       muon_wd=base.train.muon_wd),
         quant=replace(base.quant, calib_batches=debug.quant.calib_batches,

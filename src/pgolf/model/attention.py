@@ -7,6 +7,12 @@ fallback (technique-spec §7.1 item 13); "auto" falls back to SDPA and logs that
 
 Both kernels take q (B, T, H, D) and k, v (B, T, KV, D) with H a multiple of KV (grouped-query
 attention) and return (B, T, H, D).
+
+Document isolation (DOC_ISOLATION, #1855's packed rows): a document starts at every BOS, and no query
+attends to a key of an earlier document in the same row. `doc_context` turns the tokens into what the
+kernel needs, with static shapes so it traces into one graph: a (B, 1, T, T) block-diagonal causal
+mask for SDPA, or FA3 varlen's `cu_seqlens` (every row cut at its BOS positions, padded with empty
+segments to DOC_SEGMENTS_PER_ROW per row).
 """
 
 from __future__ import annotations
@@ -21,25 +27,32 @@ import torch.nn.functional as F
 from pgolf.config import ModelConfig
 from pgolf.errors import ConfigError
 from pgolf.model.adapters import Adapter, add_delta
+from pgolf.model.inputs import BOS_ID
 from pgolf.model.layers import CastedLinear, apply_rotary, rms_norm
 
 log = logging.getLogger(__name__)
 
 FA3_INSTALL_HINT = "install the flash_attn_3 wheel (flash_attn_interface) or set ATTENTION_BACKEND=sdpa"
 
+# segments per packed row in FA3 varlen's cu_seqlens (a static size keeps one compiled graph); a row with
+# more documents than this merges its last ones into one segment. FineWeb documents average ~1k tokens,
+# so a 2048-token row holds a handful.
+DOC_SEGMENTS_PER_ROW = 64
+
 _fa3_func: Callable | None = None
+_fa3_varlen_func: Callable | None = None
 _fa3_import_error: str | None = None
 _logged_fallback = False
 
 
 def _load_fa3() -> Callable | None:
     """flash_attn_interface.flash_attn_func, imported once; None when the wheel is missing."""
-    global _fa3_func, _fa3_import_error
+    global _fa3_func, _fa3_varlen_func, _fa3_import_error
     if _fa3_func is None and _fa3_import_error is None:
         try:
-            from flash_attn_interface import flash_attn_func  # type: ignore[import-not-found]
+            from flash_attn_interface import flash_attn_func, flash_attn_varlen_func  # type: ignore[import-not-found]
 
-            _fa3_func = flash_attn_func
+            _fa3_func, _fa3_varlen_func = flash_attn_func, flash_attn_varlen_func
         except Exception as exc:  # ImportError, or a wheel built for another torch/CUDA
             _fa3_import_error = f"{type(exc).__name__}: {exc}"
     return _fa3_func
@@ -69,18 +82,54 @@ def attention_backend_in_use(backend: str, device: torch.device | str) -> str:
     return "sdpa"
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
-    """softmax(q kᵀ / √D + causal mask) v for q (B, T, H, D), k/v (B, T, KV, D) -> (B, T, H, D)."""
+def doc_mask(idx: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool: query t may attend key s iff s <= t and no BOS lies in (s, t]."""
+    doc = torch.cumsum((idx == BOS_ID).to(torch.int32), dim=1)  # document number of every position
+    T = idx.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1)
+
+
+def cu_seqlens_from_tokens(idx: torch.Tensor, per_row: int = DOC_SEGMENTS_PER_ROW) -> torch.Tensor:
+    """FA3 varlen boundaries of the flattened (B*T) rows: int32 (B*per_row + 1,), non-decreasing.
+
+    Each row starts a segment at its first position and at every BOS; its starts are sorted and padded
+    with the row's end (empty segments) to `per_row` entries, so the shape depends on (B, T) only."""
+    B, T = idx.shape
+    pos = torch.arange(T, device=idx.device).expand(B, T)
+    starts = (idx == BOS_ID) | (pos == 0)
+    cand = torch.where(starts, pos, torch.full_like(pos, T))
+    k = min(per_row, T)
+    first = torch.sort(cand, dim=1).values[:, :k] + T * torch.arange(B, device=idx.device)[:, None]
+    end = torch.full((1,), B * T, dtype=first.dtype, device=idx.device)
+    return torch.cat((first.reshape(-1), end)).to(torch.int32)
+
+
+def doc_context(idx: torch.Tensor, backend: str) -> torch.Tensor:
+    """What `causal_attention` needs to keep documents apart on `backend`: cu_seqlens (fa3) or a mask."""
+    return cu_seqlens_from_tokens(idx) if backend == "fa3" else doc_mask(idx)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
+                     docs: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ / √D + causal mask) v for q (B, T, H, D), k/v (B, T, KV, D) -> (B, T, H, D).
+
+    `docs` (from `doc_context`): also mask every key of an earlier document in the row."""
     if backend == "fa3":
         fa3 = _load_fa3()
         assert fa3 is not None, "attention_backend_in_use() must be called before using fa3"
         dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-        out = fa3(q.to(dtype), k.to(dtype), v.to(dtype), causal=True)
+        if docs is None:
+            out = fa3(q.to(dtype), k.to(dtype), v.to(dtype), causal=True)
+        else:  # packed: the rows flattened to one sequence of B*T tokens, cut at cu_seqlens
+            B, T = q.shape[:2]
+            flat = [t.reshape(B * T, *t.shape[2:]).to(dtype) for t in (q, k, v)]
+            out = _fa3_varlen_func(*flat, docs, docs, T, T, causal=True)  # type: ignore[misc]
         out = out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
-        return out.to(q.dtype)
+        return out.reshape(q.shape).to(q.dtype)
     # SDPA wants heads before time; enable_gqa broadcasts the KV heads over their query groups
     y = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=docs, is_causal=docs is None,
         enable_gqa=k.size(2) != q.size(2),
     )  # (B, H, T, D)
     return y.transpose(1, 2)
@@ -106,9 +155,13 @@ class CausalSelfAttention(nn.Module):
         self.gate = CastedLinear(d, h, bias=True, zero_init=True) if cfg.gated_attention else None
         if self.gate is not None:
             nn.init.constant_(self.gate.bias, cfg.gate_bias_init)
+        # SparseAttnGate (#1855): y_h <- sigmoid(0.5 * w_h . u[:window]) * y_h, w zero (gate 0.5 at init)
+        self.gate_window = cfg.gate_window
+        self.gate_w = nn.Parameter(torch.zeros(h, cfg.gate_window)) if cfg.sparse_attn_gate else None
 
     def forward(self, u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, v0: torch.Tensor | None,
-                backend: str, adapter: Adapter | None = None, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                backend: str, adapter: Adapter | None = None, slot: int = 0,
+                docs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """u: normalized block input (B, T, d). Returns (output (B, T, d), this layer's raw V)."""
         B, T, _ = u.shape
         q = add_delta(self.c_q(u), adapter, slot, "q", u).view(B, T, self.num_heads, self.head_dim)
@@ -121,7 +174,7 @@ class CausalSelfAttention(nn.Module):
         q, k = rms_norm(q), rms_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v, backend)
+        y = causal_attention(q, k, v, backend, docs)
         if self.xsa:  # v_hat from the pre-VR v of the same position and KV group (a-sub)
             group = self.num_heads // self.num_kv_heads
             y = y.view(B, T, self.num_kv_heads, group, self.head_dim)
@@ -129,5 +182,7 @@ class CausalSelfAttention(nn.Module):
             y = (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(B, T, self.num_heads, self.head_dim)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(u)).unsqueeze(-1)
+        if self.gate_w is not None:
+            y = y * torch.sigmoid(0.5 * F.linear(u[..., : self.gate_window], self.gate_w.to(u.dtype))).unsqueeze(-1)
         out = self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
         return add_delta(out, adapter, slot, "o", u), v_raw

@@ -1,7 +1,12 @@
 """A transformer block: the MLP and the residual block around attention and MLP.
 
 Every block: x_in = a⊙x + b⊙x0; x = x_in + α⊙Attn(norm(x_in)·s); x = x + β⊙MLP(norm(x)·s).
-Another way of wiring a block's residual stream (parallel lanes, say) belongs here, beside Block.
+
+`Block.parallel` is #1855's two-lane wiring of the same weights (spec §2.3 (b) step 4): attention reads
+lane 0 (mixed with x0), the MLP reads lane 1 (so it does not see this block's attention output), and
+both outputs are written into both lanes:
+    A = α⊙Attn(norm(a⊙lane0 + b⊙x0)·s);  M = β⊙MLP(norm(lane1)·s)
+    lane0 <- r0·lane0 + p00·A + p01·M;   lane1 <- r1·lane1 + p10·A + p11·M
 """
 
 from __future__ import annotations
@@ -46,12 +51,26 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 v0: torch.Tensor | None, backend: str, adapter: Adapter | None = None,
-                slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                slot: int = 0, docs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`slot` is this application's index in the run order (the adapter hook's key)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        y, v_raw = self.attn(rms_norm(x) * self.branch_scale, cos, sin, v0, backend, adapter, slot)
+        y, v_raw = self.attn(rms_norm(x) * self.branch_scale, cos, sin, v0, backend, adapter, slot, docs)
         x = x + self.attn_scale.to(x.dtype) * y
         m_in = rms_norm(x) * self.branch_scale
         x = x + self.mlp_scale.to(x.dtype) * add_delta(self.mlp(m_in), adapter, slot, "mlp", m_in)
         return x, v_raw
+
+    def parallel(self, lane0: torch.Tensor, lane1: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, v0: torch.Tensor | None, backend: str, resid: torch.Tensor,
+                 post: torch.Tensor, adapter: Adapter | None = None, slot: int = 0,
+                 docs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two-lane application (module docstring): resid = (r0, r1), post = [[p00, p01], [p10, p11]]."""
+        mix = self.resid_mix.to(lane0.dtype)
+        a_in = rms_norm(mix[0] * lane0 + mix[1] * x0) * self.branch_scale
+        y, _ = self.attn(a_in, cos, sin, v0, backend, adapter, slot, docs)
+        a = self.attn_scale.to(lane0.dtype) * y
+        m_in = rms_norm(lane1) * self.branch_scale
+        m = self.mlp_scale.to(lane0.dtype) * add_delta(self.mlp(m_in), adapter, slot, "mlp", m_in)
+        r, p = resid.to(lane0.dtype), post.to(lane0.dtype)
+        return r[0] * lane0 + p[0, 0] * a + p[0, 1] * m, r[1] * lane1 + p[1, 0] * a + p[1, 1] * m

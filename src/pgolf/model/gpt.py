@@ -1,9 +1,14 @@
 """The GPT: embedding and input path, the U-Net stack of blocks, the tied head; init and build.
 
-    tokens ─► tok_emb + BigramHash ─► RMSNorm ─► SmearGate ─► x0
-    x0 ─► encoder blocks (push) ─► decoder blocks (pop skip ⊙ w) ─► RMSNorm ─► tied head ─► softcap
+    tokens ─► tok_emb + BigramHash ─► [BosSmearGate] ─► RMSNorm ─► [SmearGate] ─► x0
+    x0 ─► encoder slots (push) ─► decoder slots (pop skip) ─► [mean of lanes] ─► final_norm ─► head ─► softcap
 
-How the stack of blocks is run (which block at which depth, how often) lives in GPT.forward.
+How the stack of blocks is run lives here: `block_schedule` lists the physical block of every
+application (slot). Depth recurrence (NUM_LOOPS, spec §2.3 (b)) repeats the span LOOP_START..LOOP_END
+once looping is on; the first half of the slots is the encoder, the rest the decoder, and
+min(encoder, decoder) skips connect them LIFO (x += w⊙skip, or with SKIP_GATES x = lerp(w⊙skip, x, σ(g))).
+Decoder slots on physical layers >= PARALLEL_START_LAYER run as two lanes (Block.parallel), the skip
+entering lane 0; the lanes' mean is the final hidden state.
 """
 
 from __future__ import annotations
@@ -17,10 +22,26 @@ import torch.nn.functional as F
 from pgolf.config import ModelConfig
 from pgolf.errors import ConfigError
 from pgolf.model.adapters import HEAD_SLOT, Adapter, add_delta
-from pgolf.model.attention import attention_backend_in_use
+from pgolf.model.attention import attention_backend_in_use, doc_context
 from pgolf.model.blocks import Block
-from pgolf.model.inputs import BigramHash, SmearGate
-from pgolf.model.layers import CastedLinear, Rotary, rms_norm
+from pgolf.model.inputs import BigramHash, BosSmearGate, SmearGate
+from pgolf.model.layers import CastedLinear, RMSNorm, Rotary, rms_norm
+
+
+def block_schedule(cfg: ModelConfig, looping: bool) -> list[int]:
+    """The physical block of every application, in run order.
+
+    Looping on (#1855: 11 layers, span 3..5, 2 loops): [0,1,2, 3,4,5, 3,4,5, 3,4,5, 6,7,8,9,10]."""
+    order = list(range(cfg.num_layers))
+    if looping and cfg.num_loops:
+        span = order[cfg.loop_start : cfg.loop_end + 1]
+        order = order[: cfg.loop_start] + span * (cfg.num_loops + 1) + order[cfg.loop_end + 1 :]
+    return order
+
+
+def num_encoder_slots(cfg: ModelConfig, slots: int) -> int:
+    """The U-Net's encoder is the first half of the slots (all of them without skips)."""
+    return slots // 2 if cfg.unet_skips else slots
 
 
 class GPT(nn.Module):
@@ -32,13 +53,33 @@ class GPT(nn.Module):
         L, d = cfg.num_layers, cfg.model_dim
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.bigram = BigramHash(cfg) if cfg.bigram_buckets else None
-        self.smear = SmearGate(cfg) if cfg.smear_gate else None
+        # the two SmearGates are variants of one element (config refuses both): the seed's after the
+        # norm, #1855's BOS-fixed one on the raw embedding
+        self.smear = SmearGate(cfg) if cfg.smear_gate else BosSmearGate(cfg) if cfg.bos_smear_gate else None
         self.rotary = Rotary(cfg)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(L))
-        # U-Net: the first L//2 blocks push their outputs, the rest pop them (LIFO) before running
-        self.num_encoder = L // 2 if cfg.unet_skips else L
-        num_skips = min(self.num_encoder, L - self.num_encoder) if cfg.unet_skips else 0
+        # a recurrent model is built looping (how it is evaluated); the trainer starts it unlooped
+        self.looping = cfg.num_loops > 0
+        self.schedules = {False: block_schedule(cfg, False), True: block_schedule(cfg, True)}
+        longest = len(self.schedules[self.looping])
+        # U-Net: encoder slots push their outputs, decoder slots pop them (LIFO) before running; the
+        # skip parameters are sized for the longest schedule (an unlooped pass uses the first ones)
+        self.num_encoder = num_encoder_slots(cfg, longest)
+        num_skips = min(self.num_encoder, longest - self.num_encoder) if cfg.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(num_skips, d)) if num_skips else None
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, d)) if num_skips and cfg.skip_gates else None
+        # parallel lanes: per physical layer r (2) init 1.1 and p (2x2) init 1, for every layer as in
+        # #1855 (its parameter count includes them), used from PARALLEL_START_LAYER on
+        self.lane_start = cfg.parallel_start_layer if cfg.parallel_lanes else L
+        self.lane_resid_lambda = nn.Parameter(torch.full((L, 2), 1.1)) if cfg.parallel_lanes else None
+        self.lane_post_lambda = nn.Parameter(torch.ones(L, 2, 2)) if cfg.parallel_lanes else None
+        for looping, order in self.schedules.items():
+            enc = num_encoder_slots(cfg, len(order))
+            if any(i >= self.lane_start for i in order[:enc]):
+                raise ConfigError(f"PARALLEL_START_LAYER={cfg.parallel_start_layer} puts a parallel layer in the "
+                                  f"encoder of the {'looped' if looping else 'unlooped'} schedule {order}; "
+                                  "lanes run in the decoder only: raise it")
+        self.final_norm = RMSNorm()  # a module, so the quantizer can hook the head's input (EMBED_GPTQ)
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(d, cfg.vocab_size, zero_init=True)
         self._backends: dict[str, str] = {}  # device type -> "fa3" | "sdpa", resolved on first use
         self._init_weights()
@@ -71,12 +112,15 @@ class GPT(nn.Module):
                     module.weight.mul_(1.0 / math.sqrt(2 * self.cfg.num_layers))
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """x0 (B, T, d): RMSNorm(tok_emb + BigramHash), then SmearGate. Depends only on t_{i-1}, t_i."""
+        """x0 (B, T, d): RMSNorm(tok_emb + BigramHash), with the SmearGate before (BOS-fixed, #1855) or
+        after (the seed's) the norm. Depends only on t_{i-1}, t_i."""
         x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx).to(x.dtype)
+        if isinstance(self.smear, BosSmearGate):
+            x = self.smear(x, idx)
         x = rms_norm(x)
-        if self.smear is not None:
+        if isinstance(self.smear, SmearGate):
             x = self.smear(x, idx)
         return x
 
@@ -89,16 +133,34 @@ class GPT(nn.Module):
         backend = self.attention_backend(idx.device)
         x0 = x = self.embed(idx)
         cos, sin = self.rotary(idx.size(1), idx.device)
-        v0, skips = None, []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x, v_raw = block(x, x0, cos, sin, v0, backend, adapter, slot=i)
-            if i == 0:
+        docs = doc_context(idx, backend) if self.cfg.doc_isolation else None
+        order = self.schedules[self.looping]
+        n_enc = num_encoder_slots(self.cfg, len(order))
+        v0, skips, lanes = None, [], None
+        for slot, i in enumerate(order):
+            block = self.blocks[i]
+            if slot >= n_enc and skips:
+                j = slot - n_enc
+                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
+                into = x if lanes is None else lanes[0]  # the skip enters lane 0 only
+                if self.skip_gates is None:
+                    into = into + skip
+                else:
+                    into = torch.lerp(skip, into, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
+                x, lanes = (into, None) if lanes is None else (x, (into, lanes[1]))
+            if slot >= n_enc and i >= self.lane_start:
+                lane0, lane1 = (x, x) if lanes is None else lanes
+                lanes = block.parallel(lane0, lane1, x0, cos, sin, v0, backend, self.lane_resid_lambda[i],
+                                       self.lane_post_lambda[i], adapter, slot, docs)
+                continue
+            x, v_raw = block(x, x0, cos, sin, v0, backend, adapter, slot=slot, docs=docs)
+            if slot == 0:
                 v0 = v_raw
-            if i < self.num_encoder and self.skip_weights is not None:
+            if slot < n_enc and self.skip_weights is not None:
                 skips.append(x)
-        x = rms_norm(x)
+        if lanes is not None:
+            x = (lanes[0] + lanes[1]) / 2
+        x = self.final_norm(x)
         z = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
         z = add_delta(z, adapter, HEAD_SLOT, "head", x)
         cap = self.cfg.logit_softcap
@@ -135,10 +197,26 @@ class GPT(nn.Module):
     def qat_enabled(self) -> bool:
         return self.blocks[0].attn.c_q.qat_on
 
+    def set_looping(self, enabled: bool) -> None:
+        """Depth recurrence on/off (a no-op switch for a model without NUM_LOOPS). Like QAT, the flag is a
+        plain bool: torch.compile guards on it, so each state gets its own graph (pgolf.compiled)."""
+        self.looping = bool(enabled) and self.cfg.num_loops > 0
+
     @property
     def num_slots(self) -> int:
-        """Block applications per forward pass (the adapter hook's slots 0 .. num_slots-1)."""
-        return len(self.blocks)
+        """Block applications per forward pass in the current looping state (the adapter hook's slots
+        0 .. num_slots-1); 17 for #1855 with looping on."""
+        return len(self.schedules[self.looping])
+
+    @property
+    def schedule(self) -> list[int]:
+        """The physical block of every slot in the current looping state."""
+        return list(self.schedules[self.looping])
+
+    def may_leave_params_unused(self) -> bool:
+        """True when a forward can leave parameters without a gradient (DDP must then look for them):
+        lane lambdas of layers before PARALLEL_START_LAYER, skips an unlooped pass does not reach."""
+        return self.lane_resid_lambda is not None or self.cfg.num_loops > 0
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -149,7 +227,8 @@ class GPT(nn.Module):
         matrix: every 2-D weight of a block CastedLinear (incl. the attention gate W) + bigram.proj (Muon)
         embed:  tied tok_emb + bigram.table (AdamW tied_embed_lr; untied tok_emb uses embed_lr)
         head:   the untied lm_head, if any
-        scalar: everything else: gains, scales, mixes, skip weights, lambdas, gate bias, smear, bigram.scale
+        scalar: everything else: gains, scales, mixes, skip weights and gates, lambdas (VR, lanes), gate bias,
+                the sparse attention gates (2-D `gate_w`, spec §3 (b): AdamW), smear, bigram.scale
         """
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "embed": [], "scalar": [], "head": []}
         for name, p in self.named_parameters():

@@ -1,5 +1,6 @@
 """The input path before the first block: BigramHash (a hashed previous-token embedding) and
-SmearGate (a per-channel blend with the previous position), both optionally BOS-masked.
+SmearGate (a per-channel blend with the previous position), both optionally BOS-masked, and
+#1855's BOS-fixed SmearGate (BosSmearGate: a scalar, token-gated add of the previous raw embedding).
 """
 
 from __future__ import annotations
@@ -74,3 +75,25 @@ class SmearGate(nn.Module):
         keep = (idx != BOS_ID).unsqueeze(-1).to(x.dtype)  # no mixing into a document start
         keep[:, 0] = 0
         return x + keep * g * (prev - x)
+
+
+class BosSmearGate(nn.Module):
+    """PR #1855's SmearGate (spec §2.1 (b)), on raw embeddings before the RMSNorm:
+
+        x_t <- x_t + lam * sigmoid(w . x_t[:window]) * x_{t-1} * 1[tok_t != BOS]
+
+    lam (1) and w (window) start at zero, so the gate starts closed (lam = 0). Position 0 has no
+    previous position; a BOS never takes in the previous document's last token (spec §7.1 item 8).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.window = cfg.gate_window
+        self.gate_w = nn.Parameter(torch.zeros(cfg.gate_window))
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(x[..., : self.window] @ self.gate_w.to(x.dtype)).unsqueeze(-1)  # (B, T, 1)
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))  # x_{t-1}, zero at position 0
+        keep = (idx != BOS_ID).unsqueeze(-1).to(x.dtype)
+        return x + self.lam.to(x.dtype) * g * prev * keep

@@ -18,6 +18,13 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+class RMSNorm(nn.Module):
+    """`rms_norm` as a module, so a hook can see its output (the quantizer's EMBED_GPTQ hooks `final_norm`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x)
+
+
 def fake_quant_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-row symmetric quantize-dequantize: s = max|row| / (2^(bits-1) - 1), q in [-2^(bits-1), 2^(bits-1) - 1]."""
     qmax = 2 ** (bits - 1) - 1

@@ -45,8 +45,8 @@ def pr1855_shapes() -> dict[str, tuple[int, ...]]:
             b + "attn.q_gain": (8,), b + "attn_scale": (d,), b + "mlp_scale": (d,), b + "resid_mix": (2, d),
             b + "attn.gate_w": (8, 12),
         })
-    shapes.update({"skip_weights": (8, d), "skip_gates": (8, d), "lane_resid": (layers, 2), "lane_post": (layers, 2, 2),
-                   "smear.weight": (12,), "smear.lambda": (1,)})
+    shapes.update({"skip_weights": (8, d), "skip_gates": (8, d), "lane_resid_lambda": (layers, 2),
+                   "lane_post_lambda": (layers, 2, 2), "smear.gate_w": (12,), "smear.lam": (1,)})
     return shapes
 
 
