@@ -6,7 +6,7 @@
                     is configured, so its graph is compiled off the clock too), then restore weights,
                     optimizer and loader (upstream's "warmup" is compile priming, not an LR warmup)
         resume      (optional) load checkpoint/state.pt
-        loop        validate when due -> schedule (LR mult, Muon momentum, late QAT) -> step ->
+        loop        validate when due -> schedule (LR mult, Muon momentum, late QAT, looping) -> step ->
                     clock + stop rule + NaN check (one collective) -> log -> checkpoint when due
         finish      load the EMA, post-EMA validation, export checkpoint/model.pt, train_summary.json
 
@@ -14,8 +14,9 @@ Clock: starts at the first real step, pauses during validation and checkpoint wr
 run once elapsed + GPTQ_RESERVE_SECONDS >= MAX_WALLCLOCK_SECONDS on any rank (max over ranks), so
 the quantizer's calibration fits in the reserve. The step at which the cap trips is the last one.
 
-Compiled graphs (TORCH_COMPILE; pgolf.model.compiled): `train_step` (1, or 2 with late QAT), `val_nll`
-(1, or 2 with late QAT) and Muon's `newton_schulz` (one per matrix shape); each compile is a
+Compiled graphs (TORCH_COMPILE; pgolf.model.compiled): `train_step` and `val_nll` (1, +1 with late QAT,
++1 with depth recurrence switched on mid-run: looping off and on are two graphs, both primed off the
+clock) and Muon's `newton_schulz` (one per matrix shape); each compile is a
 `compile` line in train.log and event in metrics.jsonl, with its reason. Under torchrun, gradients
 are averaged by DDP around the (compiled) step: bucketed all-reduces fire during the backward pass
 (Dynamo's DDP optimizer splits a compiled graph at the bucket boundaries), instead of one flat
@@ -48,7 +49,7 @@ from pgolf.errors import DataError, PgolfError, TrainingError
 from pgolf.train.optim import Optimizers, build_optimizers, momentum_at
 from pgolf.fileio import atomic_write_json
 from pgolf.train.runlog import RunLog, atomic_torch_save
-from pgolf.train.schedule import grad_accum_steps, lr_multiplier, train_cap_ms
+from pgolf.train.schedule import grad_accum_steps, lr_multiplier, train_cap_ms, train_fraction
 from pgolf.train.state import (EMA, check_fits, export_weights, load_state, rng_state, save_state,
                               set_rng_state)
 from pgolf.train.validate import ValData, evaluate_rows, load_val
@@ -131,6 +132,10 @@ class _Run:
         self.compile_mark = self.logged_compiles = len(compile_events())  # this stage's compiles come after
         self.model = build_model(cfg.model, self.device)
         self.qat_planned = self.t.late_qat_threshold > 0
+        # depth recurrence: train unlooped until ENABLE_LOOPING_AT of the run (the model is built looped)
+        self.loop_planned = cfg.model.num_loops > 0 and cfg.model.enable_looping_at > 0
+        self.model.set_looping(not self.loop_planned)
+        self.loop_step: int | None = None
         self.build_step_fns()
         self.opts: Optimizers = build_optimizers(self.model.param_groups(), self.t, cfg.model.tie_embeddings,
                                                  self.ctx.rank, self.ctx.world_size, cfg.model.torch_compile)
@@ -155,11 +160,14 @@ class _Run:
 
         DDP broadcasts rank 0's weights at construction (same seed everywhere already; now a guarantee)."""
         model, setting = self.model, self.cfg.model.torch_compile
-        graphs = 2 if self.qat_planned else 1
-        qat = (lambda: {"qat": model.qat_enabled}) if self.qat_planned else None
-        self.loss_fn = maybe_compiled("train_step", model.loss, setting, self.device, planned=graphs, state=qat)
-        self.val_fn = maybe_compiled("val_nll", model.per_token_nll, setting, self.device, planned=graphs, state=qat)
-        self.ddp = data_parallel(model, self.loss_fn, self.device) if dist.is_distributed() else None
+        graphs = 1 + self.qat_planned + self.loop_planned
+        state = None
+        if self.qat_planned or self.loop_planned:
+            state = lambda: {"qat": model.qat_enabled, "looping": model.looping}  # noqa: E731
+        self.loss_fn = maybe_compiled("train_step", model.loss, setting, self.device, planned=graphs, state=state)
+        self.val_fn = maybe_compiled("val_nll", model.per_token_nll, setting, self.device, planned=graphs, state=state)
+        self.ddp = (data_parallel(model, self.loss_fn, self.device, find_unused=model.may_leave_params_unused())
+                    if dist.is_distributed() else None)
 
     def log_header(self, resume: bool) -> None:
         """The resolved config first (one `key:value` line per field), then the run's layout."""
@@ -258,12 +266,22 @@ class _Run:
         self.opts.set_lr_mult(mult)
         self.opts.set_muon_momentum(momentum_at(self.step, t.muon_momentum_warmup_start, t.muon_momentum,
                                                 t.muon_momentum_warmup_steps))
+        if self.loop_planned and not self.model.looping:
+            frac = train_fraction(self.step, self.training_time_ms + self.clock_ms(), t.iterations, self.cap_ms)
+            if frac >= self.cfg.model.enable_looping_at:
+                self.switch_looping_on(f"train_frac:{frac:.4f}")
         if t.late_qat_threshold > 0 and self.qat_step is None and mult < t.late_qat_threshold:
             self.model.set_qat(True)
             self.qat_step = self.step + 1
             self.log.phase("late_qat", f"late_qat:enabled step:{self.step + 1} lr_mult:{mult:.4f}",
                            step=self.step + 1, lr_mult=mult, train_time_ms=self.training_time_ms + self.clock_ms())
         return mult
+
+    def switch_looping_on(self, why: str) -> None:
+        self.model.set_looping(True)
+        self.loop_step = self.step + 1
+        self.log.phase("looping", f"looping:enabled step:{self.step + 1} {why} slots:{self.model.num_slots}",
+                       step=self.step + 1, slots=self.model.num_slots, train_time_ms=self.training_time_ms + self.clock_ms())
 
     # ---- clocks ------------------------------------------------------------------------------
 
@@ -296,11 +314,16 @@ class _Run:
             self.train_step()
             if self.t.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == self.t.warmup_steps:
                 self.log.line(f"warmup_step:{i + 1}/{self.t.warmup_steps}")
+        if self.loop_planned and is_compiled(self.loss_fn):  # the looped graph too, off the clock
+            self.model.set_looping(True)
+            self.train_step()
+            self.log.line("warmup_step:looping")
         if self.qat_planned and is_compiled(self.loss_fn):  # compile late QAT's graph now, not on the clock
             self.model.set_qat(True)
             self.train_step()
             self.model.set_qat(False)
             self.log.line("warmup_step:qat")
+        self.model.set_looping(not self.loop_planned)
         self.sync_device()
         self.model.load_state_dict(model_state)
         self.opts.load_state_dict(opt_state)
@@ -478,6 +501,8 @@ class _Run:
         pre_ema = self.last_val
         if self.qat_step is not None:
             self.model.set_qat(False)  # the quantizer does the real rounding; export fp32 weights
+        if self.loop_planned and not self.model.looping:  # a short run: validate and calibrate as evaluated
+            self.switch_looping_on("end_of_training")
         if self.ema is not None:
             self.ema.copy_to(self.model)
             self.last_val = self.validate()
@@ -495,7 +520,7 @@ class _Run:
         result = self.result(stop_reason=self.stop_reason or "iterations", pre_ema=pre_ema, peak=alloc)
         if self.ctx.is_main:
             summary = asdict(result)
-            summary.update(ema_decay=t.ema_decay, late_qat_step=self.qat_step,
+            summary.update(ema_decay=t.ema_decay, late_qat_step=self.qat_step, looping_step=self.loop_step,
                            tokens_per_s=result.tokens_seen / max(result.train_time_ms / 1000.0, 1e-9),
                            val_files_read_by_training=self.val_reads, train_batch_tokens=t.train_batch_tokens,
                            ema_worse_than_live=bool(self.ema and pre_ema and self.last_val[1] > pre_ema[1]))
@@ -528,14 +553,17 @@ class _Run:
 
 
 def data_parallel(model: torch.nn.Module, loss_fn: Any, device: torch.device,
-                  bucket_cap_mb: float = 25.0) -> torch.nn.Module:
+                  bucket_cap_mb: float = 25.0, find_unused: bool = False) -> torch.nn.Module:
     """DDP around `loss_fn(x, y)` over `model`'s parameters: gradients are averaged over ranks in
     buckets of `bucket_cap_mb`, each all-reduced as soon as its gradients are ready in backward.
-    Broadcasts rank 0's weights at construction; `no_sync()` skips the reduction (accumulation)."""
+    Broadcasts rank 0's weights at construction; `no_sync()` skips the reduction (accumulation).
+    `find_unused`: some parameters may get no gradient in a step (unused lane lambdas, skips of an
+    unlooped pass); DDP then marks them ready itself instead of waiting for them forever."""
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(_StepModule(model, loss_fn), device_ids=[device] if device.type == "cuda" else None,
-                                   gradient_as_bucket_view=True, bucket_cap_mb=bucket_cap_mb)  # no buffers to sync
+                                   gradient_as_bucket_view=True, bucket_cap_mb=bucket_cap_mb,
+                                   find_unused_parameters=find_unused)  # no buffers to sync
 
 
 class _StepModule(torch.nn.Module):

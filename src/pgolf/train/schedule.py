@@ -54,3 +54,12 @@ def grad_accum_steps(train_batch_tokens: int, world_size: int, micro_batch_seqs:
             "change MICRO_BATCH_SEQS (or the batch) so that it divides exactly"
         )
     return train_batch_tokens // per_micro
+
+
+def train_fraction(step: int, elapsed_ms: float, iterations: int, cap_ms: float | None) -> float:
+    """How far training is, in [0, 1]: the larger of step / ITERATIONS and elapsed / cap (the clock
+    that will end the run first). Depth recurrence switches on at ENABLE_LOOPING_AT of it (#1855:
+    elapsed / cap on the 600 s runs; CPU presets end on ITERATIONS, so there the step count rules)."""
+    by_steps = step / iterations if iterations > 0 else 0.0
+    by_clock = elapsed_ms / cap_ms if cap_ms else 0.0
+    return min(1.0, max(by_steps, by_clock))
