@@ -371,3 +371,33 @@ def test_full_size_frontier_artifact_estimate_from_the_model_shapes():
     est = estimate_artifact_bytes(shapes, cfg.quant, fractions=(1 / 128, 1 / 64))
     assert est["params"] == 35_945_671
     assert 15.0e6 < est["model_bytes"] < 17.5e6, est
+
+
+def test_every_build_path_gets_a_looping_model():
+    """build_model is what the quantizer's calibration and the evaluator call: a recurrent model comes
+    out looping (only the trainer starts it unlooped), so an artifact is scored as it was calibrated."""
+    m = build_model(PRESETS["frontier-debug"]().model, "cpu")
+    assert m.looping and m.num_slots == 5
+    assert not build_model(PRESETS["debug"]().model, "cpu").looping
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fa3_varlen_equals_the_masked_sdpa_on_cuda():
+    from pgolf.model.attention import attention_backend_in_use
+
+    if attention_backend_in_use("auto", "cuda") != "fa3":
+        pytest.skip("FlashAttention 3 is not installed")
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(2, 50, (4, 256), generator=gen)
+    idx[0, [0, 17, 18, 200]] = BOS_ID
+    idx[3, 255] = BOS_ID
+    idx = idx.cuda()
+    q, k, v = (torch.randn(4, 256, h, 64, generator=gen).cuda().bfloat16() for h in (8, 4, 4))
+    fa3 = causal_attention(q, k, v, "fa3", cu_seqlens_from_tokens(idx))
+    sdpa = causal_attention(q.float(), k.float(), v.float(), "sdpa", doc_mask(idx))
+    torch.testing.assert_close(fa3.float(), sdpa, rtol=2e-2, atol=2e-2)
+    cfg = PRESETS["frontier-debug"]().model
+    m = build_model(cfg, "cuda")
+    assert m.tok_emb.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for n, p in m.named_parameters() if n != "tok_emb.weight")

@@ -124,7 +124,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
         else:  # packed: the rows flattened to one sequence of B*T tokens, cut at cu_seqlens
             B, T = q.shape[:2]
             flat = [t.reshape(B * T, *t.shape[2:]).to(dtype) for t in (q, k, v)]
-            out = _fa3_varlen_func(*flat, docs, docs, T, T, causal=True)  # type: ignore[misc]
+            out = _fa3_varlen_func(*flat, cu_seqlens_q=docs, cu_seqlens_k=docs, max_seqlen_q=T,  # type: ignore[misc]
+                                   max_seqlen_k=T, causal=True)
         out = out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
         return out.reshape(q.shape).to(q.dtype)
     # SDPA wants heads before time; enable_gqa broadcasts the KV heads over their query groups
