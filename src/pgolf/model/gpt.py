@@ -213,11 +213,6 @@ class GPT(nn.Module):
         """The physical block of every slot in the current looping state."""
         return list(self.schedules[self.looping])
 
-    def may_leave_params_unused(self) -> bool:
-        """True when a forward can leave parameters without a gradient (DDP must then look for them):
-        lane lambdas of layers before PARALLEL_START_LAYER, skips an unlooped pass does not reach."""
-        return self.lane_resid_lambda is not None or self.cfg.num_loops > 0
-
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

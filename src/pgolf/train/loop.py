@@ -166,8 +166,7 @@ class _Run:
             state = lambda: {"qat": model.qat_enabled, "looping": model.looping}  # noqa: E731
         self.loss_fn = maybe_compiled("train_step", model.loss, setting, self.device, planned=graphs, state=state)
         self.val_fn = maybe_compiled("val_nll", model.per_token_nll, setting, self.device, planned=graphs, state=state)
-        self.ddp = (data_parallel(model, self.loss_fn, self.device, find_unused=model.may_leave_params_unused())
-                    if dist.is_distributed() else None)
+        self.ddp = data_parallel(model, self.loss_fn, self.device) if dist.is_distributed() else None
 
     def log_header(self, resume: bool) -> None:
         """The resolved config first (one `key:value` line per field), then the run's layout."""
@@ -553,17 +552,16 @@ class _Run:
 
 
 def data_parallel(model: torch.nn.Module, loss_fn: Any, device: torch.device,
-                  bucket_cap_mb: float = 25.0, find_unused: bool = False) -> torch.nn.Module:
+                  bucket_cap_mb: float = 25.0) -> torch.nn.Module:
     """DDP around `loss_fn(x, y)` over `model`'s parameters: gradients are averaged over ranks in
     buckets of `bucket_cap_mb`, each all-reduced as soon as its gradients are ready in backward.
     Broadcasts rank 0's weights at construction; `no_sync()` skips the reduction (accumulation).
-    `find_unused`: some parameters may get no gradient in a step (unused lane lambdas, skips of an
-    unlooped pass); DDP then marks them ready itself instead of waiting for them forever."""
+    Every parameter gets a gradient in every pass, looped or not (the lane lambdas and skips an
+    unlooped pass does not reach are rows of tensors it does use: zero rows, not missing grads)."""
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(_StepModule(model, loss_fn), device_ids=[device] if device.type == "cuda" else None,
-                                   gradient_as_bucket_view=True, bucket_cap_mb=bucket_cap_mb,
-                                   find_unused_parameters=find_unused)  # no buffers to sync
+                                   gradient_as_bucket_view=True, bucket_cap_mb=bucket_cap_mb)  # no buffers to sync
 
 
 class _StepModule(torch.nn.Module):
