@@ -69,9 +69,6 @@ class ModelConfig:
     num_loops: int = 0
     loop_start: int = 3
     loop_end: int = 5
-    # training fraction (max of step/ITERATIONS and elapsed/cap) at which the trainer switches looping on
-    # (#1855: 0.35); 0 = looping from the first step. Evaluation always runs a recurrent model looped.
-    enable_looping_at: float = 0.35
     # two residual lanes (attention / MLP) in the decoder from physical layer PARALLEL_START_LAYER on
     parallel_lanes: bool = False
     parallel_start_layer: int = 8
@@ -131,6 +128,10 @@ class TrainConfig:
     grad_clip_norm: float = 0.3  # 0 = off
     ema_decay: float = 0.997  # 0 = off; the EMA weights are what ships
     late_qat_threshold: float = 0.0  # >0: int6 fake-quant once the LR multiplier drops below it
+    # depth recurrence (NUM_LOOPS > 0): the training fraction (max of step/ITERATIONS and elapsed/cap) at
+    # which looping switches on (#1855: 0.35); 0 = from the first step. A training knob, not the model's:
+    # evaluation always runs a recurrent model looped, and artifacts do not record it.
+    enable_looping_at: float = 0.35
     val_loss_every: int = 1000  # 0 = only at the end; the train clock pauses during validation
     val_batch_size: int = 524_288  # tokens per validation forward batch (all ranks together)
     train_log_every: int = 200
@@ -560,7 +561,7 @@ def _frontier() -> Config:
             xsa_last_n=11, ln_scale=True, bos_mask=True, orthogonal_min_dim=0,
             # spec §2.1/§2.3 (b): layers 3-5 looped 3x from 35% of training, lanes from layer 8, gated skips,
             # sparse attention gate and BOS-fixed SmearGate (window 12), document-isolated attention
-            num_loops=2, loop_start=3, loop_end=5, enable_looping_at=0.35, parallel_lanes=True,
+            num_loops=2, loop_start=3, loop_end=5, parallel_lanes=True,
             parallel_start_layer=8, skip_gates=True, sparse_attn_gate=True, bos_smear_gate=True, gate_window=12,
             doc_isolation=True,
         ),

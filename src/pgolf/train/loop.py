@@ -133,7 +133,7 @@ class _Run:
         self.model = build_model(cfg.model, self.device)
         self.qat_planned = self.t.late_qat_threshold > 0
         # depth recurrence: train unlooped until ENABLE_LOOPING_AT of the run (the model is built looped)
-        self.loop_planned = cfg.model.num_loops > 0 and cfg.model.enable_looping_at > 0
+        self.loop_planned = cfg.model.num_loops > 0 and cfg.train.enable_looping_at > 0
         self.model.set_looping(not self.loop_planned)
         self.loop_step: int | None = None
         self.build_step_fns()
@@ -267,7 +267,7 @@ class _Run:
                                                 t.muon_momentum_warmup_steps))
         if self.loop_planned and not self.model.looping:
             frac = train_fraction(self.step, self.training_time_ms + self.clock_ms(), t.iterations, self.cap_ms)
-            if frac >= self.cfg.model.enable_looping_at:
+            if frac >= self.t.enable_looping_at:
                 self.switch_looping_on(f"train_frac:{frac:.4f}")
         if t.late_qat_threshold > 0 and self.qat_step is None and mult < t.late_qat_threshold:
             self.model.set_qat(True)
