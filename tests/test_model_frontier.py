@@ -345,7 +345,7 @@ def test_adapter_slots_follow_the_looping_state():
 
 
 def test_looping_switch_is_two_fullgraph_inductor_graphs():
-    from pgolf.compiled import Compiled
+    from pgolf.model.compiled import Compiled
 
     cfg = replace(FRONTIER_SMALL, num_layers=4)
     m = frontier_model(cfg)

@@ -64,7 +64,7 @@ def _looping_ddp_rank(rank: int, rdv: str, out: str) -> None:
     import torch
     import torch.distributed as tdist
 
-    from pgolf.compiled import Compiled
+    from pgolf.model.compiled import Compiled
     from pgolf.model import build_model
     from pgolf.train.loop import data_parallel
 

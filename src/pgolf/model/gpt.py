@@ -199,7 +199,7 @@ class GPT(nn.Module):
 
     def set_looping(self, enabled: bool) -> None:
         """Depth recurrence on/off (a no-op switch for a model without NUM_LOOPS). Like QAT, the flag is a
-        plain bool: torch.compile guards on it, so each state gets its own graph (pgolf.compiled)."""
+        plain bool: torch.compile guards on it, so each state gets its own graph (pgolf.model.compiled)."""
         self.looping = bool(enabled) and self.cfg.num_loops > 0
 
     @property
