@@ -238,7 +238,7 @@ def quant_elements(cfg, run_dir: Path, quick: bool) -> dict[str, Any]:
     rows = with_deltas(compare_methods(cfg, run_dir, elements=True))
     fractions = (1 / 128, 1 / 64) if quick else (1 / 64, 1 / 32, 1 / 8)
     seed = resolve("seed", env={}).quant  # full-size settings (the bench shape scales PASSTHROUGH_MAX_NUMEL)
-    frontier = replace(seed, **frontier_overrides(int8_row_tensors="*.gate_w"))
+    frontier = replace(seed, **frontier_overrides())
     estimates = {name: estimate_artifact_bytes(pr1855_shapes(), q, fractions=fractions)
                  for name, q in (("seed quantizer", seed), ("frontier quantizer", frontier))}
     return {"checkpoint": str(run_dir / "checkpoint" / "model.pt"), "rows": rows, "estimates": estimates}

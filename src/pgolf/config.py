@@ -576,7 +576,7 @@ def _frontier() -> Config:
             attn_clip_sigmas=13.0, embed_bits=7, embed_clip="sdclip", embed_clip_sigmas=14.0, embed_gptq=True,
             awq_lite_enabled=True, awq_lite_bits=8, awq_lite_group_top_k=1, awq_lite_group_size=64,
             lowrank_rank=4, lowrank_tensors=3, lowrank_packing="asym", lowrank_group=64,
-            int8_row_tensors="*gate*", compress_groups=True, sort_rows="tok_emb,attn.c_q,mlp.fc",
+            int8_row_tensors="*attn.gate*", compress_groups=True, sort_rows="tok_emb,attn.c_q,mlp.fc",
         ),
         eval=replace(base.eval, eval_seq_len=2560, ngram_tilt_enabled=True, asym_logit_rescale=True),
     )

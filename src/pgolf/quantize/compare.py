@@ -64,7 +64,7 @@ ELEMENTS: tuple[Element, ...] = (
     Element("LQER rank 4 on the 3 worst tensors, INT2/INT4 factors",
             dict(lowrank_rank=4, lowrank_tensors=3, lowrank_packing="asym", lowrank_group=64),
             dict(lowrank_rank=0, lowrank_tensors=0, lowrank_packing="fp16")),
-    Element("gate matrices int8 per row (INT8_ROW_TENSORS=*gate*)", dict(int8_row_tensors="*gate*"),
+    Element("gate matrices int8 per row (INT8_ROW_TENSORS=*attn.gate*)", dict(int8_row_tensors="*attn.gate*"),
             dict(int8_row_tensors="")),
     Element("per-group compression", dict(compress_groups=True), dict(compress_groups=False)),
     Element("similarity sort of tok_emb, attn.c_q, mlp.fc rows (per-group layout)",
