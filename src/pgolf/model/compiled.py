@@ -6,7 +6,8 @@ Compiling `model` itself therefore puts every use of `GPT.forward` (training, va
 last batch, scoring, TTT) into ONE cache. Instead, each purpose gets a `Compiled` wrapper around a
 fresh copy of a two-line trampoline: its own code object, hence its own cache and its own count.
 
-    train_step   the trainer's loss forward (+ backward); 2 graphs when late QAT is configured
+    train_step   the trainer's loss forward (+ backward); 2 graphs when late QAT is configured, times the
+                 number of TRAIN_SEQ_SCHEDULE context lengths (each length is one input shape)
     val_nll      validation NLL during training (batches padded to one shape)
     score        evaluation forward under the evaluator's grad mode (rows, sliding or TTT scoring)
     ttt_step     TTT's training forward (+ backward)
