@@ -17,7 +17,7 @@ from pgolf import config
 from pgolf.data.loader import DistributedTokenLoader
 from pgolf.data.shards import read_shard, shard_paths, write_shard
 from pgolf.errors import ConfigError
-from pgolf.optim import Muon, build_optimizers
+from pgolf.train.optim import Muon, build_optimizers
 from pgolf.train import train
 from pgolf.train.schedule import (lr_multiplier, rewarm_multiplier, seq_len_at, train_cap_ms,
                                   training_progress)
