@@ -71,6 +71,7 @@ def test_frontier_presets_carry_the_column_b_schedule():
     for name, steps in (("frontier-tiny", 200), ("frontier-debug", 20)):
         t = config.resolve(name, env={}).train
         assert t.iterations == steps and (t.warmdown_frac, t.min_lr, t.muon_row_normalize) == (0.85, 0.10, True)
+        assert t.late_qat_threshold == full.late_qat_threshold == 0.0  # column (b) has no QAT
         assert len(config.parse_seq_schedule(t.train_seq_schedule, t.train_seq_len)) == 3
 
 
@@ -268,3 +269,26 @@ def test_run_with_a_small_cap_counts_calibration_on_the_train_clock(pipeline_dat
     assert log.index("gptq_calibration:") < log.index("final val_loss")
     (event,) = _events(run_dir, "calibration")
     assert event["calib_s"] == calib["calib_s"]
+
+
+def test_priming_compiles_one_train_graph_per_context_length(small_data, tmp_path, monkeypatch):
+    """Under torch.compile every length is its own graph: all are compiled while priming, none on the clock."""
+    from pgolf.model.compiled import Compiled
+    from pgolf.train import loop
+
+    def eager_compiled(purpose, fn, setting, device, planned=1, state=None):  # Dynamo without a C++ build
+        return Compiled(purpose, fn, planned=planned, state=state, backend="eager")
+
+    monkeypatch.setattr(loop, "maybe_compiled", eager_compiled)
+    cfg = config.resolve("frontier-debug", dict(
+        data_path=str(small_data), tokenizer_path=str(small_data / "tokenizer.model"), val_batch_size=4096,
+        iterations=20, warmup_steps=1, train_log_every=1, late_qat_threshold=0.15), env={})
+    result = train(cfg, tmp_path)
+    # 3 lengths x (late QAT off, on): the frontier has no late QAT, but a run that adds it gets both primed
+    assert result.compiles["train_step"] == 6
+    compiles = [e for e in _events(tmp_path, "compile") if e["purpose"] == "train_step"]
+    assert [(e["graph"], e["planned"]) for e in compiles] == [(g, 6) for g in range(1, 7)]
+    log = (tmp_path / "train.log").read_text()
+    assert log.index("compile:train_step graph:6/6") < log.index("step:1/20 ")  # before the clock starts
+    for line in ("warmup_step:seq_len_32", "warmup_step:seq_len_64", "warmup_step:qat_seq_len_64"):
+        assert line in log

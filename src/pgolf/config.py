@@ -618,8 +618,9 @@ def _frontier() -> Config:
 
 
 def _frontier_optimizer(t: TrainConfig) -> dict[str, Any]:
-    """The frontier's optimizer and LR-schedule fields that small shapes keep (not its step counts)."""
-    names = ("warmdown_frac", "min_lr", "grad_clip_norm", "matrix_lr", "muon_momentum", "muon_momentum_warmup_start",
+    """The frontier's optimizer and LR-schedule fields that small shapes keep (not its step counts); among
+    them no late QAT (column (b) has none; tiny's 0.15 comes from seed-plus)."""
+    names = ("warmdown_frac", "min_lr", "late_qat_threshold", "grad_clip_norm", "matrix_lr", "muon_momentum", "muon_momentum_warmup_start",
              "muon_ns_coeffs", "muon_wd", "muon_row_normalize", "tied_embed_lr", "scalar_lr", "adam_beta2",
              "embed_wd", "embed_beta2", "scalar_wd", "scalar_beta2")
     return {name: getattr(t, name) for name in names}

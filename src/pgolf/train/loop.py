@@ -165,9 +165,11 @@ class _Run:
 
         DDP broadcasts rank 0's weights at construction (same seed everywhere already; now a guarantee)."""
         model, setting = self.model, self.cfg.model.torch_compile
-        graphs = (2 if self.qat_planned else 1) * len({n for _, n in self.seq_plan})  # one per length (shape)
+        graphs = 2 if self.qat_planned else 1
+        lengths = len({n for _, n in self.seq_plan})  # each context length is one input shape
         qat = (lambda: {"qat": model.qat_enabled}) if self.qat_planned else None
-        self.loss_fn = maybe_compiled("train_step", model.loss, setting, self.device, planned=graphs, state=qat)
+        self.loss_fn = maybe_compiled("train_step", model.loss, setting, self.device, planned=graphs * lengths,
+                                      state=qat)
         self.val_fn = maybe_compiled("val_nll", model.per_token_nll, setting, self.device, planned=graphs, state=qat)
         self.ddp = data_parallel(model, self.loss_fn, self.device) if dist.is_distributed() else None
 
@@ -325,19 +327,19 @@ class _Run:
             self.train_step()
             if self.t.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == self.t.warmup_steps:
                 self.log.line(f"warmup_step:{i + 1}/{self.t.warmup_steps}")
-        if is_compiled(self.loss_fn):  # every other context length's graph now, not on the clock
-            first = self.seq_len
-            for _, seq_len in self.seq_plan:
-                if seq_len != self.seq_len:
-                    self.seq_len = seq_len
+        if is_compiled(self.loss_fn):  # every other graph now, not on the clock: each length, with late QAT
+            first, lengths = self.seq_len, list(dict.fromkeys(n for _, n in self.seq_plan))
+            for seq_len in lengths:
+                self.seq_len = seq_len
+                if seq_len != first:
                     self.train_step()
                     self.log.line(f"warmup_step:seq_len_{seq_len}")
+                if self.qat_planned:
+                    self.model.set_qat(True)
+                    self.train_step()
+                    self.model.set_qat(False)
+                    self.log.line("warmup_step:qat" + (f"_seq_len_{seq_len}" if len(lengths) > 1 else ""))
             self.seq_len = first
-        if self.qat_planned and is_compiled(self.loss_fn):  # compile late QAT's graph now, not on the clock
-            self.model.set_qat(True)
-            self.train_step()
-            self.model.set_qat(False)
-            self.log.line("warmup_step:qat")
         self.sync_device()
         self.model.load_state_dict(model_state)
         self.opts.load_state_dict(opt_state)
