@@ -12,16 +12,16 @@ import pytest
 from pgolf import config
 from pgolf.data.shards import read_shard, shard_paths, write_shard
 from pgolf.train import train
-from pgolf.train.schedule import train_fraction
+from pgolf.train.schedule import training_progress
 
 VAL_ROWS, SEQ = 16, 64
 
 
-def test_train_fraction_is_the_clock_that_ends_first():
-    assert train_fraction(7, 0.0, 20, None) == pytest.approx(0.35)  # CPU presets: steps
-    assert train_fraction(100, 210_000.0, 20_000, 600_000.0) == pytest.approx(0.35)  # 600 s runs: the clock
-    assert train_fraction(10, 900.0, 10, 600.0) == 1.0  # clamped
-    assert train_fraction(3, 0.0, 0, None) == 0.0
+def test_training_progress_is_the_clock_that_ends_first():
+    assert training_progress(7, 0.0, 20, None) == pytest.approx(0.35)  # CPU presets: steps
+    assert training_progress(100, 210_000.0, 20_000, 600_000.0) == pytest.approx(0.35)  # 600 s runs: the clock
+    assert training_progress(10, 900.0, 10, 600.0) == 1.0  # clamped
+    assert training_progress(3, 0.0, 0, None) == 0.0
 
 
 @pytest.fixture(scope="module")

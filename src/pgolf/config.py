@@ -109,6 +109,16 @@ class TrainConfig:
     gptq_reserve_seconds: float = 8.0  # quantizer calibration must fit inside the cap
     warmup_steps: int = 20  # compile-priming steps; weights, optimizer and loader restored after
     warmdown_iters: int = 1200  # LR decays linearly over the last warmdown_iters * step_avg of the cap
+    # >0: the warmdown by training progress instead (#1855/#2014's WARMDOWN_FRAC): LR mult 1 while
+    # progress < 1 - WARMDOWN_FRAC, then (1 - progress) / WARMDOWN_FRAC; overrides WARMDOWN_ITERS.
+    # progress = the further along of elapsed / (cap - reserve) and step / ITERATIONS (pgolf.train.schedule)
+    warmdown_frac: float = 0.0
+    min_lr: float = 0.0  # floor of the LR multiplier (#1855: 0.10); 0 = decay to zero
+    # training context grown by progress (#2014): "LEN@END,..." = LEN while progress <= END, e.g.
+    # "1024@0.1,2048@0.7,3072@1.0"; empty = TRAIN_SEQ_LEN throughout. Tokens per step stay constant
+    # (sequences per micro-batch adapt); the largest LEN must equal TRAIN_SEQ_LEN
+    train_seq_schedule: str = ""
+    seq_change_warmup_steps: int = 0  # LR ramps up again over this many steps after a length change (#2014: 32)
     matrix_lr: float = 0.025  # Muon
     scalar_lr: float = 0.025  # AdamW on vectors, gains, mixes
     tied_embed_lr: float = 0.035  # AdamW on the tied embedding and the bigram table
@@ -121,10 +131,18 @@ class TrainConfig:
     muon_ns_coeffs: Literal["classic", "polar_express"] = "classic"
     muon_ns_dtype: Literal["bf16", "fp32"] = "bf16"  # Newton-Schulz precision; both sources: bf16 everywhere
     muon_wd: float = 0.04
+    # each row of the Nesterov update scaled to unit L2 norm before Newton-Schulz (#1855's MUON_ROW_NORMALIZE)
+    muon_row_normalize: bool = False
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     adam_wd: float = 0.04
+    # the embedding and scalar AdamW groups' own decay and beta2 (#1855: embed 0.085 / 0.99, scalar 0.02 /
+    # 0.99); -1 = ADAM_WD / ADAM_BETA2, so the seed's shared values stay one knob
+    embed_wd: float = -1.0
+    embed_beta2: float = -1.0
+    scalar_wd: float = -1.0
+    scalar_beta2: float = -1.0
     grad_clip_norm: float = 0.3  # 0 = off
     ema_decay: float = 0.997  # 0 = off; the EMA weights are what ships
     late_qat_threshold: float = 0.0  # >0: int6 fake-quant once the LR multiplier drops below it
@@ -301,7 +319,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "iterations": (0, 10**9), "train_batch_tokens": (2, 1 << 34), "train_seq_len": (2, 1 << 20),
     "micro_batch_seqs": (1, 1 << 16), "max_wallclock_seconds": (0, 365 * DAY_S),
     "gptq_reserve_seconds": (0, DAY_S), "warmup_steps": (0, 10**6),
-    "warmdown_iters": (0, 10**9), "matrix_lr": (0, 100), "scalar_lr": (0, 100),
+    "warmdown_iters": (0, 10**9), "warmdown_frac": (0, 1), "min_lr": (0, 1),
+    "seq_change_warmup_steps": (0, 10**9), "embed_wd": (-1, 100), "embed_beta2": (-1, 1),
+    "scalar_wd": (-1, 100), "scalar_beta2": (-1, 1), "matrix_lr": (0, 100), "scalar_lr": (0, 100),
     "tied_embed_lr": (0, 100), "embed_lr": (0, 100), "head_lr": (0, 100),
     "muon_momentum": (0, 1), "muon_momentum_warmup_start": (0, 1),
     "muon_momentum_warmup_steps": (0, 10**9), "muon_backend_steps": (1, 100),
@@ -344,6 +364,48 @@ def _num(x: float) -> str:
     return f"{int(x):,}" if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
+def parse_seq_schedule(text: str, default_len: int) -> list[tuple[float, int]]:
+    """TRAIN_SEQ_SCHEDULE "LEN@END,..." -> [(END, LEN)] sorted by END, the last END 1.0 (#2014's syntax):
+    LEN is used while training progress <= END. Empty -> [(1.0, default_len)]."""
+    plan: list[tuple[float, int]] = []
+    for stage in (s.strip() for s in text.split(",")):
+        if not stage:
+            continue
+        length, sep, end = stage.partition("@")
+        try:
+            if not sep:
+                raise ValueError(stage)
+            seq_len, frac = int(length), float(end)
+        except ValueError:
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE stage {stage!r} is not LEN@END (e.g. 1024@0.1)") from None
+        if seq_len < 2 or not 0 < frac <= 1:
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE stage {stage!r}: LEN must be >= 2 and END in (0, 1]")
+        plan.append((frac, seq_len))
+    if not plan:
+        return [(1.0, default_len)]
+    plan.sort()
+    if len({f for f, _ in plan}) != len(plan):
+        raise ConfigError(f"TRAIN_SEQ_SCHEDULE={text!r} names one END twice")
+    if plan[-1][0] < 1.0:
+        plan.append((1.0, plan[-1][1]))
+    return plan
+
+
+def _check_seq_schedule(t: TrainConfig) -> None:
+    plan = parse_seq_schedule(t.train_seq_schedule, t.train_seq_len)
+    lengths = {n for _, n in plan}
+    if max(lengths) != t.train_seq_len:
+        _fail(f"TRAIN_SEQ_SCHEDULE={t.train_seq_schedule!r} grows to {max(lengths)}, but TRAIN_SEQ_LEN="
+              f"{t.train_seq_len}: set TRAIN_SEQ_LEN to the longest stage (validation, calibration and "
+              "memory checks are sized by it)")
+    micro = t.micro_batch_seqs * t.train_seq_len  # tokens per micro-batch and rank, whatever the stage
+    bad = sorted(n for n in lengths if micro % n)
+    if bad:
+        _fail(f"TRAIN_SEQ_SCHEDULE lengths {bad} do not divide the {micro} tokens of a micro-batch "
+              f"(MICRO_BATCH_SEQS={t.micro_batch_seqs} x TRAIN_SEQ_LEN={t.train_seq_len}); the token count "
+              "per step stays fixed, so every length must divide it")
+
+
 def validate(cfg: Config) -> None:
     m, t, q, e = cfg.model, cfg.train, cfg.quant, cfg.eval
     _check_ranges(cfg)
@@ -380,6 +442,11 @@ def validate(cfg: Config) -> None:
         )
     if t.micro_batch_seqs < 1:
         _fail("MICRO_BATCH_SEQS must be >= 1")
+    _check_seq_schedule(t)
+    for name, value in (("EMBED_WD", t.embed_wd), ("EMBED_BETA2", t.embed_beta2), ("SCALAR_WD", t.scalar_wd),
+                        ("SCALAR_BETA2", t.scalar_beta2)):
+        if value < 0 and value != -1:
+            _fail(f"{name}={value} must be >= 0, or -1 for the shared ADAM_* value")
     if t.max_wallclock_seconds and t.gptq_reserve_seconds >= t.max_wallclock_seconds:
         _fail(
             f"GPTQ_RESERVE_SECONDS={t.gptq_reserve_seconds} leaves no training time under "
@@ -565,10 +632,17 @@ def _frontier() -> Config:
             parallel_start_layer=8, skip_gates=True, sparse_attn_gate=True, bos_smear_gate=True, gate_window=12,
             doc_isolation=True,
         ),
+        # column (b)'s optimizer and schedule plus #2014's context growth and #2135's 32 calibration batches
+        # (docs/frontier-training.md): one packed 98,304-token micro-batch per rank (32 x 3072 = 48 x 2048
+        # = 96 x 1024), the reserve sized for 32 batches of Hessians (#1950 measured 3.5 s for 16)
         train=replace(
-            base.train, iterations=20_000, matrix_lr=0.026, muon_momentum=0.97, muon_momentum_warmup_start=0.92,
-            muon_momentum_warmup_steps=1500, muon_ns_coeffs="polar_express", muon_wd=0.095,
-            tied_embed_lr=0.03, scalar_lr=0.02, adam_beta2=0.99, ema_decay=0.9965, val_loss_every=0,
+            base.train, iterations=20_000, train_seq_len=3072, micro_batch_seqs=32,
+            train_seq_schedule="1024@0.1,2048@0.7,3072@1.0", seq_change_warmup_steps=32,
+            gptq_reserve_seconds=10.0, warmdown_frac=0.85, min_lr=0.10, grad_clip_norm=0.3,
+            matrix_lr=0.026, muon_momentum=0.97, muon_momentum_warmup_start=0.92,
+            muon_momentum_warmup_steps=1500, muon_ns_coeffs="polar_express", muon_wd=0.095, muon_row_normalize=True,
+            tied_embed_lr=0.03, scalar_lr=0.02, adam_beta2=0.99, embed_wd=0.085, embed_beta2=0.99,
+            scalar_wd=0.02, scalar_beta2=0.99, ema_decay=0.9965, val_loss_every=0,
         ),
         # every quantizer element on (tests check this equals pgolf.quantize.compare.frontier_overrides())
         quant=replace(
@@ -580,6 +654,15 @@ def _frontier() -> Config:
         ),
         eval=replace(base.eval, eval_seq_len=2560, ngram_tilt_enabled=True, asym_logit_rescale=True),
     )
+
+
+def _frontier_optimizer(t: TrainConfig) -> dict[str, Any]:
+    """The frontier's optimizer and LR-schedule fields that small shapes keep (not its step counts); among
+    them no late QAT (column (b) has none; tiny's 0.15 comes from seed-plus)."""
+    names = ("warmdown_frac", "min_lr", "late_qat_threshold", "grad_clip_norm", "matrix_lr", "muon_momentum", "muon_momentum_warmup_start",
+             "muon_ns_coeffs", "muon_wd", "muon_row_normalize", "tied_embed_lr", "scalar_lr", "adam_beta2",
+             "embed_wd", "embed_beta2", "scalar_wd", "scalar_beta2")
+    return {name: getattr(t, name) for name in names}
 
 
 def _frontier_tiny() -> Config:
@@ -595,9 +678,10 @@ def _frontier_tiny() -> Config:
                       num_kv_heads=tiny.model.num_kv_heads, xsa_last_n=tiny.model.num_layers,
                       # 4 layers: layers 1-2 looped 3x -> [0,1,2,1 | 2,1,2,3], lanes on layer 3
                       loop_start=1, loop_end=2, parallel_start_layer=3),
-        train=replace(tiny.train, matrix_lr=base.train.matrix_lr, muon_ns_coeffs="polar_express",
-                      muon_wd=base.train.muon_wd, tied_embed_lr=base.train.tied_embed_lr,
-                      scalar_lr=base.train.scalar_lr, adam_beta2=base.train.adam_beta2),
+        # tiny's step counts, sizes and EMA; frontier's optimizer settings and the same shape of schedule
+        # (context 1/4 -> 1/2 -> full: 8,192-token batches divide only by powers of two)
+        train=replace(tiny.train, train_seq_schedule="64@0.1,128@0.7,256@1.0", seq_change_warmup_steps=2,
+                      **_frontier_optimizer(base.train)),
         quant=replace(base.quant, calib_batches=tiny.quant.calib_batches,
                       passthrough_max_numel=tiny.quant.passthrough_max_numel),
         eval=replace(tiny.eval, eval_seq_len=2 * tiny.train.train_seq_len, ngram_tilt_enabled=True,
@@ -615,8 +699,8 @@ def _frontier_debug() -> Config:
         model=replace(base.model, num_layers=3, model_dim=debug.model.model_dim,
                       num_heads=debug.model.num_heads, num_kv_heads=debug.model.num_kv_heads,
                       xsa_last_n=3, loop_start=1, loop_end=1, parallel_start_layer=2),
-        train=replace(debug.train, matrix_lr=base.train.matrix_lr, muon_ns_coeffs="polar_express",
-                      muon_wd=base.train.muon_wd),
+        train=replace(debug.train, train_seq_schedule="16@0.1,32@0.7,64@1.0", seq_change_warmup_steps=1,
+                      **_frontier_optimizer(base.train)),
         quant=replace(base.quant, calib_batches=debug.quant.calib_batches,
                       passthrough_max_numel=debug.quant.passthrough_max_numel),
         eval=replace(debug.eval, eval_seq_len=2 * debug.train.train_seq_len, ngram_tilt_enabled=True,

@@ -185,7 +185,10 @@ def pipeline(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]
         calib_s = 0.0
         if cfg.quant.quant_method == "gptq":
             with phase("calibrate"):
-                calib_s = quantize.calibrate(cfg, run_dir).seconds
+                calib = quantize.calibrate(cfg, run_dir)
+            calib_s = calib.seconds
+            if is_rank0:
+                log_calibration(cfg, run_dir, trained.train_time_ms / 1000.0, calib_s, calib.tokens)
         quant_result = None
         with phase("quantize"):
             if is_rank0:
@@ -213,6 +216,35 @@ def pipeline(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]
             f"{len(sync.report.unsynced)} file(s) not committed; the run folder is complete at "
             f"{run_dir.resolve()}: pgolf results push {run_dir.resolve()} --to {sync.store.uri}")
     return summary
+
+
+def calibration_budget(cfg: Config, train_time_s: float, calib_s: float) -> dict[str, Any]:
+    """Whether GPTQ calibration fit the train clock: training stopped at MAX_WALLCLOCK_SECONDS -
+    GPTQ_RESERVE_SECONDS (the reserve is taken up front, pgolf.train.schedule.train_cap_ms), then the
+    Hessians were collected; train + calibration must stay within the cap (#1855 overran by 4.7 s)."""
+    t = cfg.train
+    cap = t.max_wallclock_seconds if t.max_wallclock_seconds > 0 else None
+    total = train_time_s + calib_s
+    return {"calib_s": round(calib_s, 3), "calib_batches": cfg.quant.calib_batches,
+            "gptq_reserve_s": t.gptq_reserve_seconds, "cap_s": cap, "train_plus_calib_s": round(total, 3),
+            "calib_within_reserve": calib_s <= t.gptq_reserve_seconds,
+            "train_plus_calib_within_cap": cap is None or total <= cap}
+
+
+def log_calibration(cfg: Config, run_dir: Path, train_time_s: float, calib_s: float, tokens: int) -> None:
+    """One train.log line and one metrics.jsonl event for the calibration's share of the train clock."""
+    b = calibration_budget(cfg, train_time_s, calib_s)
+    cap = f"{b['cap_s']:g}s" if b["cap_s"] is not None else "none"
+    line = (f"gptq_calibration: batches:{b['calib_batches']} tokens_per_rank:{tokens} seconds:{calib_s:.2f} "
+            f"reserve:{b['gptq_reserve_s']:g}s train+calib:{b['train_plus_calib_s']:.2f}s cap:{cap} "
+            f"within_cap:{'yes' if b['train_plus_calib_within_cap'] else 'NO'}")
+    if not b["calib_within_reserve"]:
+        line += (f"\nwarning: calibration took {calib_s:.2f}s, more than GPTQ_RESERVE_SECONDS="
+                 f"{b['gptq_reserve_s']:g}; raise the reserve (or lower CALIB_BATCHES) to keep it inside the cap")
+    append_to_train_log(run_dir, [line])
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"event": "calibration", "tokens_per_rank": tokens, **b}) + "\n")
+    log.info(line)
 
 
 def append_to_train_log(run_dir: Path, lines: list[str]) -> None:
@@ -260,6 +292,7 @@ def write_summary(cfg: Config, run_dir: Path, trained: Any, calib_s: float, quan
         "train_time_s": round(train_time_s, 3),
         "calib_time_s": round(calib_s, 3),
         "train_plus_calib_s": round(train_time_s + calib_s, 3),
+        "calibration": calibration_budget(cfg, train_time_s, calib_s),
         "eval_time_s": e.get("eval_time_s"),
         "eval_parts_s": e.get("parts"),
         "model_bytes": q.get("model_bytes"),
@@ -304,6 +337,12 @@ def check_compliance(cfg: Config, run_dir: Path, summary: Mapping[str, Any],
     rule("train_time", train_s, CHALLENGE_TRAIN_SECONDS, train_s <= CHALLENGE_TRAIN_SECONDS,
          "train clock (first real step to stop, validation paused) + GPTQ calibration seconds" + on_h100,
          enforce_time)
+    cap = cfg.train.max_wallclock_seconds
+    if cap > 0:
+        rule("calibration_in_train_clock", train_s, cap, train_s <= cap,
+             f"train clock + GPTQ calibration ({summary.get('calib_time_s', 0.0)} s of {cfg.quant.calib_batches} "
+             f"batches) within MAX_WALLCLOCK_SECONDS; training stopped GPTQ_RESERVE_SECONDS="
+             f"{cfg.train.gptq_reserve_seconds:g} early to leave room for it" + on_h100, enforce_time)
     eval_s = summary.get("eval_time_s")
     rule("eval_time", eval_s, CHALLENGE_EVAL_SECONDS, eval_s is not None and eval_s <= CHALLENGE_EVAL_SECONDS,
          "eval clock from before the artifact is read: load, build, warm-up, scoring and TTT" + on_h100,

@@ -6,8 +6,8 @@ Compiling `model` itself therefore puts every use of `GPT.forward` (training, va
 last batch, scoring, TTT) into ONE cache. Instead, each purpose gets a `Compiled` wrapper around a
 fresh copy of a two-line trampoline: its own code object, hence its own cache and its own count.
 
-    train_step   the trainer's loss forward (+ backward); +1 graph when late QAT is configured, +1 when
-                 depth recurrence switches on mid-run (looping off and on are two graphs)
+    train_step   the trainer's loss forward (+ backward): one graph per TRAIN_SEQ_SCHEDULE context length,
+                 each +1 when late QAT is configured and +1 when depth recurrence switches on mid-run
     val_nll      validation NLL during training (batches padded to one shape); the same +1s
     score        evaluation forward under the evaluator's grad mode (rows, sliding or TTT scoring)
     ttt_step     TTT's training forward (+ backward)

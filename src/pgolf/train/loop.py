@@ -6,7 +6,8 @@
                     is configured, so its graph is compiled off the clock too), then restore weights,
                     optimizer and loader (upstream's "warmup" is compile priming, not an LR warmup)
         resume      (optional) load checkpoint/state.pt
-        loop        validate when due -> schedule (LR mult, Muon momentum, late QAT, looping) -> step ->
+        loop        validate when due -> schedule (LR mult, Muon momentum, context length, late QAT,
+                    looping) -> step ->
                     clock + stop rule + NaN check (one collective) -> log -> checkpoint when due
         finish      load the EMA, post-EMA validation, export checkpoint/model.pt, train_summary.json
 
@@ -14,9 +15,13 @@ Clock: starts at the first real step, pauses during validation and checkpoint wr
 run once elapsed + GPTQ_RESERVE_SECONDS >= MAX_WALLCLOCK_SECONDS on any rank (max over ranks), so
 the quantizer's calibration fits in the reserve. The step at which the cap trips is the last one.
 
-Compiled graphs (TORCH_COMPILE; pgolf.model.compiled): `train_step` and `val_nll` (1, +1 with late QAT,
-+1 with depth recurrence switched on mid-run: looping off and on are two graphs, both primed off the
-clock) and Muon's `newton_schulz` (one per matrix shape); each compile is a
+Context growth (TRAIN_SEQ_SCHEDULE, #2014): the sequence length of the next step follows training
+progress (pgolf.train.schedule); the micro-batch keeps its token count, so only the number of rows
+changes and the loader's stream is neither skipped nor repeated. Priming compiles every length.
+
+Compiled graphs (TORCH_COMPILE; pgolf.model.compiled): `train_step` (1, +1 with late QAT, +1 with depth
+recurrence switched on mid-run, times the number of TRAIN_SEQ_SCHEDULE lengths; all primed off the
+clock), `val_nll` (the same without the lengths) and Muon's `newton_schulz` (one per matrix shape); each compile is a
 `compile` line in train.log and event in metrics.jsonl, with its reason. Under torchrun, gradients
 are averaged by DDP around the (compiled) step: bucketed all-reduces fire during the backward pass
 (Dynamo's DDP optimizer splits a compiled graph at the bucket boundaries), instead of one flat
@@ -41,7 +46,7 @@ import torch.distributed as torch_dist
 
 from pgolf import dist
 from pgolf.model.compiled import compile_counts, compile_events, is_compiled, maybe_compiled
-from pgolf.config import Config
+from pgolf.config import Config, parse_seq_schedule
 from pgolf.data.bpb import check_tokenizer_vocab, load_sentencepiece
 from pgolf.data.loader import DistributedTokenLoader
 from pgolf.data.shards import read_shard, shard_paths
@@ -49,7 +54,8 @@ from pgolf.errors import DataError, PgolfError, TrainingError
 from pgolf.train.optim import Optimizers, build_optimizers, momentum_at
 from pgolf.fileio import atomic_write_json
 from pgolf.train.runlog import RunLog, atomic_torch_save
-from pgolf.train.schedule import grad_accum_steps, lr_multiplier, train_cap_ms, train_fraction
+from pgolf.train.schedule import (grad_accum_steps, lr_multiplier, rewarm_multiplier, seq_len_at, train_cap_ms,
+                                  training_progress)
 from pgolf.train.state import (EMA, check_fits, export_weights, load_state, rng_state, save_state,
                               set_rng_state)
 from pgolf.train.validate import ValData, evaluate_rows, load_val
@@ -113,6 +119,10 @@ class _Run:
         self.accum = grad_accum_steps(self.t.train_batch_tokens, self.ctx.world_size,
                                       self.t.micro_batch_seqs, self.t.train_seq_len)
         self.cap_ms = train_cap_ms(self.t.max_wallclock_seconds, self.t.gptq_reserve_seconds)
+        self.seq_plan = parse_seq_schedule(self.t.train_seq_schedule, self.t.train_seq_len)
+        self.seq_len = seq_len_at(self.seq_plan, 0.0)  # the context of the next step
+        self.seq_change_step: int | None = None  # step of the last context change (LR re-warmup)
+        self.seq_changes: list[dict[str, Any]] = []
         if resume and not dist.agree((run_dir / "checkpoint" / "state.pt").is_file()):
             raise TrainingError(f"--resume: {run_dir}/checkpoint/state.pt does not exist; "
                                 "the first run needs CHECKPOINT_EVERY_SECONDS>0")
@@ -161,10 +171,12 @@ class _Run:
         DDP broadcasts rank 0's weights at construction (same seed everywhere already; now a guarantee)."""
         model, setting = self.model, self.cfg.model.torch_compile
         graphs = 1 + self.qat_planned + self.loop_planned
+        lengths = len({n for _, n in self.seq_plan})  # each context length is one input shape
         state = None
         if self.qat_planned or self.loop_planned:
             state = lambda: {"qat": model.qat_enabled, "looping": model.looping}  # noqa: E731
-        self.loss_fn = maybe_compiled("train_step", model.loss, setting, self.device, planned=graphs, state=state)
+        self.loss_fn = maybe_compiled("train_step", model.loss, setting, self.device, planned=graphs * lengths,
+                                      state=state)
         self.val_fn = maybe_compiled("val_nll", model.per_token_nll, setting, self.device, planned=graphs, state=state)
         self.ddp = data_parallel(model, self.loss_fn, self.device) if dist.is_distributed() else None
 
@@ -192,6 +204,9 @@ class _Run:
                       f"torch:{torch.__version__}")
         for line in self.opts.describe():
             self.log.line(line)
+        if len(self.seq_plan) > 1:
+            self.log.line("train_seq_schedule:" + ",".join(f"{n}@{end:g}" for end, n in self.seq_plan)
+                          + f" seq_change_warmup_steps:{self.t.seq_change_warmup_steps}")
         self.log.line(f"val_tokens:{self.val.tokens.size - 1} val_rows:{self.val.n_rows} "
                       f"ema_decay:{self.t.ema_decay} late_qat_threshold:{self.t.late_qat_threshold}")
 
@@ -245,7 +260,7 @@ class _Run:
         loss_sum = torch.zeros((), device=self.device)
         step_fn = self.ddp if self.ddp is not None else self.loss_fn
         for i in range(self.accum):
-            x, y = self.loader.next_tensors(t.train_batch_tokens, t.train_seq_len, self.accum, self.device)
+            x, y = self.loader.next_tensors(t.train_batch_tokens, self.seq_len, self.accum, self.device)
             last = i == self.accum - 1
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 with self.autocast():
@@ -258,23 +273,39 @@ class _Run:
         return loss_sum / self.accum, grad_norm
 
     def schedule(self) -> float:
-        """Set the LR multiplier and Muon momentum for the step about to run; late QAT switch."""
+        """Set the LR multiplier, Muon momentum and context length for the step about to run; the looping
+        and late-QAT switches."""
         t = self.t
-        mult = lr_multiplier(self.step, self.training_time_ms + self.clock_ms(), t.iterations,
-                             t.warmdown_iters, self.cap_ms)
-        self.opts.set_lr_mult(mult)
+        elapsed = self.training_time_ms + self.clock_ms()
+        mult = lr_multiplier(self.step, elapsed, t.iterations, t.warmdown_iters, self.cap_ms,
+                             t.warmdown_frac, t.min_lr)
+        progress = training_progress(self.step, elapsed, t.iterations, self.cap_ms)
+        self.set_context(progress)
+        applied = mult * rewarm_multiplier(self.step, self.seq_change_step, t.seq_change_warmup_steps)
+        self.opts.set_lr_mult(applied)
         self.opts.set_muon_momentum(momentum_at(self.step, t.muon_momentum_warmup_start, t.muon_momentum,
                                                 t.muon_momentum_warmup_steps))
-        if self.loop_planned and not self.model.looping:
-            frac = train_fraction(self.step, self.training_time_ms + self.clock_ms(), t.iterations, self.cap_ms)
-            if frac >= self.t.enable_looping_at:
-                self.switch_looping_on(f"train_frac:{frac:.4f}")
+        if self.loop_planned and not self.model.looping and progress >= t.enable_looping_at:
+            self.switch_looping_on(f"train_frac:{progress:.4f}")
         if t.late_qat_threshold > 0 and self.qat_step is None and mult < t.late_qat_threshold:
             self.model.set_qat(True)
             self.qat_step = self.step + 1
             self.log.phase("late_qat", f"late_qat:enabled step:{self.step + 1} lr_mult:{mult:.4f}",
                            step=self.step + 1, lr_mult=mult, train_time_ms=self.training_time_ms + self.clock_ms())
-        return mult
+        return applied  # the late-QAT switch above reads the schedule itself, not the re-warmup
+
+    def set_context(self, progress: float) -> None:
+        """TRAIN_SEQ_SCHEDULE: switch the context length when progress enters a new stage (logged)."""
+        seq_len = seq_len_at(self.seq_plan, progress)
+        if seq_len == self.seq_len:
+            return
+        self.seq_len = seq_len
+        if self.step > 0:
+            self.seq_change_step = self.step
+        change = dict(step=self.step, seq_len=seq_len, progress=round(progress, 4))
+        self.seq_changes.append(change)
+        self.log.phase("seq_len", f"seq_len:{seq_len} step:{self.step} progress:{progress:.3f} "
+                       f"rows_per_micro_batch:{self.t.micro_batch_seqs * self.t.train_seq_len // seq_len}", **change)
 
     def switch_looping_on(self, why: str) -> None:
         self.model.set_looping(True)
@@ -313,15 +344,24 @@ class _Run:
             self.train_step()
             if self.t.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == self.t.warmup_steps:
                 self.log.line(f"warmup_step:{i + 1}/{self.t.warmup_steps}")
-        if self.loop_planned and is_compiled(self.loss_fn):  # the looped graph too, off the clock
-            self.model.set_looping(True)
-            self.train_step()
-            self.log.line("warmup_step:looping")
-        if self.qat_planned and is_compiled(self.loss_fn):  # compile late QAT's graph now, not on the clock
-            self.model.set_qat(True)
-            self.train_step()
-            self.model.set_qat(False)
-            self.log.line("warmup_step:qat")
+        if is_compiled(self.loss_fn):  # every other graph now, not on the clock: each length, looped, late QAT
+            first, lengths = self.seq_len, list(dict.fromkeys(n for _, n in self.seq_plan))
+            for seq_len in lengths:
+                self.seq_len = seq_len
+                if seq_len != first:
+                    self.train_step()
+                    self.log.line(f"warmup_step:seq_len_{seq_len}")
+                if self.loop_planned:
+                    self.model.set_looping(True)
+                    self.train_step()
+                    self.log.line("warmup_step:looping" + (f"_seq_len_{seq_len}" if len(lengths) > 1 else ""))
+                if self.qat_planned:  # late QAT comes late: after the looping switch, when one is planned
+                    self.model.set_qat(True)
+                    self.train_step()
+                    self.model.set_qat(False)
+                    self.log.line("warmup_step:qat" + (f"_seq_len_{seq_len}" if len(lengths) > 1 else ""))
+                self.model.set_looping(False)
+            self.seq_len = first
         self.model.set_looping(not self.loop_planned)
         self.sync_device()
         self.model.load_state_dict(model_state)
@@ -370,6 +410,7 @@ class _Run:
             model=self.model.state_dict(), optimizers=self.opts.state_dict(),
             ema=self.ema.state_dict() if self.ema else None, loader=self.loader.state_dict(),
             rng=rng_state(), config=self.cfg.to_dict(), world_size=self.ctx.world_size,
+            seq_len=self.seq_len, seq_change_step=self.seq_change_step, seq_changes=self.seq_changes,
             log_offsets=self.log.offsets() if self.ctx.is_main else None,
         )
 
@@ -397,6 +438,9 @@ class _Run:
         set_rng_state(state["rng"])
         self.step, self.training_time_ms = int(state["step"]), float(state["training_time_ms"])
         self.qat_step = state["qat_step"]
+        self.seq_len = int(state.get("seq_len", self.seq_len))
+        self.seq_change_step = state.get("seq_change_step")
+        self.seq_changes = list(state.get("seq_changes", []))
         if self.qat_step is not None:
             self.model.set_qat(True)
         self.log.phase("resume", f"resume: step:{self.step} train_time:{self.training_time_ms:.0f}ms from {path}",
@@ -476,7 +520,7 @@ class _Run:
                 lr_mult=mult, muon_momentum=momentum_at(self.step - 1, t.muon_momentum_warmup_start,
                                                         t.muon_momentum, t.muon_momentum_warmup_steps),
                 grad_norm=norm_sum / self.ctx.world_size if grad_norm is not None else None,
-                qat=self.qat_step is not None, tokens_seen=self.step * t.train_batch_tokens,
+                qat=self.qat_step is not None, tokens_seen=self.step * t.train_batch_tokens, seq_len=self.seq_len,
                 tokens_per_s=self.step * t.train_batch_tokens / max(elapsed / 1000.0, 1e-9),
             )
         if not finite:
@@ -522,6 +566,7 @@ class _Run:
             summary.update(ema_decay=t.ema_decay, late_qat_step=self.qat_step, looping_step=self.loop_step,
                            tokens_per_s=result.tokens_seen / max(result.train_time_ms / 1000.0, 1e-9),
                            val_files_read_by_training=self.val_reads, train_batch_tokens=t.train_batch_tokens,
+                           seq_len_changes=self.seq_changes,
                            ema_worse_than_live=bool(self.ema and pre_ema and self.last_val[1] > pre_ema[1]))
             atomic_write_json(self.run_dir / "train_summary.json", summary)
         self.log.phase("done", steps=self.step, train_time_ms=self.training_time_ms)

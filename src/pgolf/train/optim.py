@@ -5,6 +5,7 @@ Muon (Keller Jordan's "MomentUm Orthogonalized by Newton-Schulz"): for each 2-D 
 
     buf <- mu * buf + g                       (momentum, fp32)
     u   <- g + mu * buf                       (Nesterov)
+    u   <- u / ||u_row||_2 per row            (only with MUON_ROW_NORMALIZE, spec §3 (b))
     O   <- NS(u)                              (approximate orthogonal polar factor, 5 iterations)
     W   <- W * (1 - lr * wd) - lr * sqrt(max(1, rows / cols)) * O
 
@@ -95,6 +96,7 @@ class Muon(torch.optim.Optimizer):
         world_size: int = 1,
         ns_dtype: torch.dtype = torch.bfloat16,
         torch_compile: str = "off",
+        row_normalize: bool = False,
     ):
         params = list(params)
         for p in params:
@@ -106,6 +108,7 @@ class Muon(torch.optim.Optimizer):
         self.rank, self.world_size = rank, world_size
         self.ns_dtype = ns_dtype  # bf16 as both sources, on every device (MUON_NS_DTYPE)
         self.torch_compile = torch_compile
+        self.row_normalize = row_normalize  # MUON_ROW_NORMALIZE
         self._orthogonalize: Any = None  # newton_schulz, or its compiled wrapper; built at the first step
 
     def owned(self, i: int) -> bool:
@@ -146,6 +149,8 @@ class Muon(torch.optim.Optimizer):
                 n = p.numel()
                 if not distributed or self.owned(i):
                     u = g.add(buf, alpha=mu) if group["nesterov"] else buf
+                    if self.row_normalize:  # every output row gets the same say before the polar factor
+                        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-7)
                     o = self.orthogonalize(u, dtype)
                     o = o * math.sqrt(max(1.0, p.size(0) / p.size(1)))
                     flat[offset : offset + n] = o.reshape(-1)
@@ -220,9 +225,10 @@ class Optimizers:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 n = sum(p.numel() for p in group["params"])
+                betas = f" betas:{tuple(group['betas'])}" if "betas" in group else ""
                 lines.append(
                     f"optimizer:{type(opt).__name__} group:{group['name']} tensors:{len(group['params'])} "
-                    f"params:{n} lr:{group['base_lr']} weight_decay:{group['weight_decay']}"
+                    f"params:{n} lr:{group['base_lr']} weight_decay:{group['weight_decay']}{betas}"
                 )
         return lines
 
@@ -233,6 +239,13 @@ def momentum_at(step: int, start: float, end: float, warmup_steps: int) -> float
         return end
     frac = min(step / warmup_steps, 1.0)
     return (1.0 - frac) * start + frac * end
+
+
+def adam_group_settings(train: Any, key: str) -> tuple[float, float]:
+    """(weight decay, beta2) of an AdamW group: EMBED_*/SCALAR_* where set (>= 0), else ADAM_WD/ADAM_BETA2."""
+    own = {"embed": (train.embed_wd, train.embed_beta2), "scalar": (train.scalar_wd, train.scalar_beta2)}
+    wd, beta2 = own.get(key, (-1.0, -1.0))
+    return (wd if wd >= 0 else train.adam_wd, beta2 if beta2 >= 0 else train.adam_beta2)
 
 
 def build_optimizers(
@@ -274,6 +287,7 @@ def build_optimizers(
             world_size=world_size,
             torch_compile=torch_compile,
             ns_dtype=NS_DTYPES[train.muon_ns_dtype],
+            row_normalize=train.muon_row_normalize,
         )
         muon.param_groups[0].update(name="matrix", base_lr=train.matrix_lr)
         optimizers.append(muon)
@@ -283,7 +297,9 @@ def build_optimizers(
     for key, lr in (("embed", embed_lr), ("head", train.head_lr), ("scalar", train.scalar_lr)):
         ps = tensors(key)
         if ps:
-            adam_groups.append(dict(params=ps, lr=lr, base_lr=lr, name=key, weight_decay=train.adam_wd))
+            wd, beta2 = adam_group_settings(train, key)
+            adam_groups.append(dict(params=ps, lr=lr, base_lr=lr, name=key, weight_decay=wd,
+                                    betas=(train.adam_beta1, beta2)))
     if adam_groups:
         first = adam_groups[0]["params"][0]
         adam = torch.optim.AdamW(
