@@ -18,7 +18,7 @@ SUMMARY_FIELDS = {
     "code_bytes", "total_bytes", "phases_s", "cost_usd",
 }
 RULES = {"train_time", "calibration_in_train_clock", "eval_time", "score_is_finite", "artifact_bytes",
-         "ttt_score_first", "every_target_scored_once", "val_not_trained_on"}
+         "ttt_score_first", "every_target_scored_once", "val_not_trained_on", "bytes_are_original"}
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,17 @@ def test_compliance_flags_an_oversized_artifact_and_slow_training(tmp_path):
     assert "informational" in cpu["train_time"]["how"]
     # nothing measured -> not compliant (a missing fact never passes)
     assert rules["ttt_score_first"]["ok"] is False and rules["val_not_trained_on"]["ok"] is False
+    assert rules["bytes_are_original"]["ok"] is False
+
+
+def test_caseops_bytes_must_come_from_the_sidecar(tmp_path):
+    cfg = C.resolve("debug", env={})
+    base = {"train_plus_calib_s": 1.0, "eval_time_s": 1.0, "total_bytes": 1, "val_bpb": 1.0, "bytes": 1000}
+    judge = lambda src: check_compliance(cfg, tmp_path, {**base, "byte_source": src})["bytes_are_original"]["ok"]  # noqa: E731
+    assert judge({"source": "sidecar", "caseops_tokenizer": True, "sidecar_bytes": 1000})
+    assert not judge({"source": "sidecar", "caseops_tokenizer": True, "sidecar_bytes": 999})  # not what was scored
+    assert not judge({"source": "tokenizer", "caseops_tokenizer": True, "sidecar_bytes": None})  # #2138
+    assert judge({"source": "tokenizer", "caseops_tokenizer": False, "sidecar_bytes": None})
 
 
 def test_pull_reproduces_the_run_folder_byte_for_byte(finished_run, tmp_path):

@@ -258,6 +258,7 @@ def write_summary(cfg: Config, run_dir: Path, trained: Any, calib_s: float, quan
                   post_quant: Any, final: Any, phases: Mapping[str, float],
                   enforce_time: bool = True) -> dict[str, Any]:
     from pgolf.cloud.cost import run_cost
+    from pgolf.data.bpb import byte_source
     from pgolf.data.leakage import val_docs_in_training, val_shards_in_training
 
     t, q, e, post = _as_dict(trained), _as_dict(quant_result), _as_dict(final), _as_dict(post_quant)
@@ -304,6 +305,7 @@ def write_summary(cfg: Config, run_dir: Path, trained: Any, calib_s: float, quan
                      "eval": e.get("compiles") or {}},
         "val_shards_in_training": val_shards_in_training(cfg.data.data_path),
         "leakage_check": val_docs_in_training(cfg.data.data_path),
+        "byte_source": byte_source(cfg.data.data_path, cfg.data.tokenizer_path),
         "phases_s": dict(phases),
         "cost_usd": cost.get("usd"),
         "cost": cost,
@@ -365,6 +367,13 @@ def check_compliance(cfg: Config, run_dir: Path, summary: Mapping[str, Any],
          overlap == 0 and leak.get("ok") is True,
          f"val documents whose exact tokens are a train document ({leak.get('method') or leak.get('error')}); "
          f"and {overlap} val shards the training stream and calibration could read (same path or sha256)")
+    src, scored_bytes = summary.get("byte_source") or {}, summary.get("bytes")
+    sidecar_ok = src.get("source") == "sidecar" and src.get("sidecar_bytes") == scored_bytes
+    rule("bytes_are_original", src.get("source"), "sidecar" if src.get("caseops_tokenizer") else "sidecar|tokenizer",
+         sidecar_ok or (src.get("source") == "tokenizer" and src.get("caseops_tokenizer") is False),
+         f"bpb divides by the original text's bytes: {scored_bytes} scored bytes; from the val byte sidecar "
+         f"({src.get('sidecar_bytes')} bytes, which must equal them) or, for a tokenizer that does not rewrite "
+         "the text, its own byte tables (CaseOps tokenizers need the sidecar)")
     return rules
 
 

@@ -161,6 +161,20 @@ def val_target_bytes(
     return target_bytes(tokens, tables)
 
 
+def byte_source(data_dir: str | os.PathLike[str], tokenizer_path: str | os.PathLike[str] | None) -> dict:
+    """Where the val bytes of bpb come from: {"source": "sidecar" | "tokenizer", "caseops_tokenizer",
+    "sidecar_bytes"} (the sidecar's byte sum over the targets when there is one). A CaseOps tokenizer
+    rewrites the text, so its own pieces' bytes are not the original's (#2138): only a sidecar will do."""
+    from pgolf.data.caseops import operator_ids
+
+    sidecar = load_sidecar(data_dir, "val")
+    caseops = False
+    if tokenizer_path and Path(tokenizer_path).is_file():
+        caseops = operator_ids(load_sentencepiece(tokenizer_path)) is not None
+    return {"source": "sidecar" if sidecar is not None else "tokenizer", "caseops_tokenizer": caseops,
+            "sidecar_bytes": int(sidecar[1:].astype(np.int64).sum()) if sidecar is not None else None}
+
+
 def bits_per_byte(nll_sum_nats: float, byte_sum: float) -> float:
     """bpb = sum NLL (nats) / (ln 2 * sum bytes)."""
     if byte_sum <= 0:
