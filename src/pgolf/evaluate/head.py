@@ -33,8 +33,10 @@ class AsymLogitHead(nn.Module):
         self.softcap_pos = nn.Parameter(torch.tensor(float(softcap), device=device), requires_grad=False)
         self.softcap_neg = nn.Parameter(torch.tensor(float(softcap), device=device), requires_grad=False)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return asym_softcap(self.model(idx).float(), self.softcap_pos, self.softcap_neg)
+    def forward(self, idx: torch.Tensor, adapter=None) -> torch.Tensor:
+        """`adapter`: the model's test-time adapter hook (per-document LoRA), passed through."""
+        z = self.model(idx) if adapter is None else self.model(idx, adapter=adapter)
+        return asym_softcap(z.float(), self.softcap_pos, self.softcap_neg)
 
 
 def asym_softcap(z: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:

@@ -105,8 +105,16 @@ def _state_before(after: torch.Tensor, first: torch.Tensor, fill: int) -> torch.
     return _previous_in_group(after, first, fill)
 
 
-def build_hints(tokens: torch.Tensor, order: int, threshold: float, beta: float) -> NgramHints:
-    """The token expert's hint for every target of `tokens` (1-D integer tensor, any device)."""
+def build_hints(tokens: torch.Tensor, order: int, threshold: float, beta: float, *,
+                time: torch.Tensor | None = None, doc_start: torch.Tensor | None = None) -> NgramHints:
+    """The token expert's hint for every target of `tokens` (1-D integer tensor, any device).
+
+    Stream order by default. For an evaluator that scores in another order (phased LoRA TTT scores
+    documents longest first, docs.py), `time` (n,) gives every target's place in that order: each
+    context's counts then grow in that order, so a hint counts only labels of targets scored before its
+    own, and its `evidence` is the target of the newest of them. `doc_start` (n,) gives each target's
+    document start: a context reaching before it (into another document, scored at another time) never
+    fires and is never counted."""
     if order < 2:
         raise ValueError(f"n-gram order {order} must be >= 2")
     tok = tokens.long()
@@ -124,8 +132,19 @@ def build_hints(tokens: torch.Tensor, order: int, threshold: float, beta: float)
     if m >= 1 << GROUP_SHIFT:
         raise ValueError(f"{m:,} n-gram events exceed the 2^{GROUP_SHIFT} this builder scans")
 
-    # group the events by context, each group in stream order (stable sort)
-    sorted_keys, perm = torch.sort(_context_keys(tok, ctx, m), stable=True)
+    # group the events by context, each group in stream order (stable sort), or in `time` order
+    keys = _context_keys(tok, ctx, m)
+    if doc_start is not None:  # contexts crossing a document start: unique negative keys, singleton groups
+        k_of_e = torch.arange(ctx - 1, ctx - 1 + m, device=device)
+        cross = (k_of_e - (ctx - 1)) < doc_start.to(device)[k_of_e]
+        keys = torch.where(cross, -1 - torch.arange(m, device=device), keys)
+    if time is not None:
+        first_by_time = torch.sort(time.to(device)[ctx - 1:ctx - 1 + m], stable=True).indices
+        sorted_keys, within = torch.sort(keys[first_by_time], stable=True)
+        perm = first_by_time[within]
+    else:
+        sorted_keys, perm = torch.sort(keys, stable=True)
+    del keys
     first = torch.ones(m, dtype=torch.bool, device=device)
     first[1:] = sorted_keys[1:] != sorted_keys[:-1]
     del sorted_keys

@@ -180,3 +180,59 @@ class Tally:
                 "a hint may only count labels of earlier targets"
             )
         self.hint_checks += 1
+
+
+class DocTally(Tally):
+    """The Tally of phased LoRA TTT (docs.py): each document is its own committed prefix.
+
+    Documents are scored in an order other than the stream's, chunk by chunk, so the committed set is a
+    prefix per document: `commit_doc` extends one (scoring a target twice, or skipping one, raises), and
+    `require_scored` checks a span against the prefix of the document that holds it. Before a global
+    phase the ranks merge their prefixes (`merge`), so a phase can check the documents other ranks scored.
+    """
+
+    def __init__(self, target_bytes: np.ndarray, keep_per_token: bool, doc_lo: np.ndarray, doc_hi: np.ndarray):
+        super().__init__(target_bytes, keep_per_token)
+        self.doc_lo, self.doc_hi = np.asarray(doc_lo, np.int64), np.asarray(doc_hi, np.int64)
+        self.upto = self.doc_lo.copy()  # per document: targets [lo, upto) are committed
+
+    def add_targets(self, targets: np.ndarray, nll: np.ndarray) -> None:
+        """Add this rank's scores of the given targets (any order; each committed once via commit_doc)."""
+        if targets.size == 0:
+            return
+        self.nll_sum += float(nll.astype(np.float64).sum())
+        self.count += int(targets.size)
+        self.byte_sum += int(self.target_bytes[targets].sum(dtype=np.int64))
+        if self.per_token is not None:
+            self.per_token[targets] = nll.astype(np.float32)
+
+    def commit_doc(self, doc: int, lo: int, hi: int) -> None:
+        if lo != self.upto[doc] or not lo <= hi <= self.doc_hi[doc]:
+            raise ScoreFirstViolation(f"commit of [{lo}, {hi}) in document {doc} does not extend its scored "
+                                      f"prefix [{self.doc_lo[doc]}, {self.upto[doc]})")
+        self.upto[doc] = hi
+
+    def require_scored(self, spans: Sequence[tuple[int, int]]) -> None:
+        for a, b in spans:
+            doc = int(np.searchsorted(self.doc_lo, a, side="right")) - 1
+            if b <= a:
+                continue
+            if doc < 0 or b > self.upto[doc]:
+                done = f"[{self.doc_lo[doc]}, {self.upto[doc]})" if doc >= 0 else "nothing"
+                raise ScoreFirstViolation(f"TTT would train on targets [{a}, {b}) but only {done} of their "
+                                          "document are scored")
+        self.checks += 1
+
+    def merge(self, reduce_max: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Every rank's committed prefixes (each document is scored by one rank: the max is its prefix)."""
+        self.upto = reduce_max(torch.from_numpy(self.upto)).numpy().astype(np.int64)
+
+    def require_causal_hints_in_order(self, targets: torch.Tensor, hints: NgramHints, time: torch.Tensor) -> None:
+        """Raise unless the hint of every target counts only labels of targets scored before it (`time`)."""
+        ev = hints.evidence[targets].long()
+        bad = (ev >= 0) & (time[ev.clamp(min=0)] >= time[targets])
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ScoreFirstViolation(f"the n-gram hint for target {int(targets[i])} counts the label of target "
+                                      f"{int(ev[i])}, which is not scored before it")
+        self.hint_checks += 1
