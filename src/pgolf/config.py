@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Mapping
@@ -212,7 +213,7 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    eval_mode: Literal["rows", "sliding", "ttt"] = "ttt"
+    eval_mode: Literal["rows", "sliding", "ttt", "lora_ttt"] = "ttt"
     eval_seq_len: int = 0  # 0 = train_seq_len
     eval_stride: int = 64
     eval_batch_seqs: int = 32  # windows per forward
@@ -232,6 +233,26 @@ class EvalConfig:
     token_boost: float = 2.625
     # AsymLogit (PR #1923): learnable positive / negative logit caps on the eval path, from LOGIT_SOFTCAP
     asym_logit_rescale: bool = False
+    # phased score-first LoRA TTT (EVAL_MODE=lora_ttt, technique-spec §5.2 = PR #1855; deltas #1953/#2014/#2135
+    # in the `frontier` preset): per-document LoRA on every block application, global SGD phases on a prefix
+    ttt_lora_rank: int = 80
+    ttt_lora_alpha: float = 144.0  # output scale alpha/rank = 1.8 (PR #1767)
+    ttt_lora_sites: str = "q,k,v,o,mlp,head"  # adapter-hook sites; #1953/#2014 drop q and v
+    ttt_lora_lr: float = 1e-4  # #1953: x0.75
+    ttt_lora_beta1: float = 0.0  # #1855: no first moment
+    ttt_lora_beta2: float = 0.99
+    ttt_lora_eps: float = 1e-10
+    ttt_lora_wd: float = 0.5
+    ttt_lora_warm_start_a: bool = True  # keep A from the previous batch, zero B (PR #1767)
+    ttt_lora_chunk: int = 48  # target positions per document per step
+    ttt_lora_short_chunks: str = ""  # "LEN:CHUNK,...": smaller chunks for documents <= LEN (#2014: 256:8,2000:24)
+    ttt_lora_doc_batch: int = 64  # documents per batch (per forward)
+    ttt_phases: int = 3  # global SGD phases over the prefix (#1855: 3; #2135: 1); 0 = LoRA only
+    ttt_phase_prefix_docs: int = 2500  # documents (in processing order) the phases cover
+    ttt_phase_lr: float = 1e-3  # SGD, cosine over the phase's steps
+    ttt_phase_momentum: float = 0.9
+    ttt_phase_grad_clip: float = 1.0
+    ttt_phase_batch_seqs: int = 16  # EVAL_SEQ_LEN rows per SGD step over all ranks (#1855: 16 x 2048)
 
 
 @dataclass(frozen=True)
@@ -301,6 +322,7 @@ def _fail(msg: str) -> None:
 
 
 DAY_S = 86_400.0
+LORA_SITES = ("q", "k", "v", "o", "mlp", "head")  # pgolf.model.adapters.SITES (a test checks they agree)
 # Inclusive [low, high] of every numeric field (a test checks that none is missing). Bounds are
 # what the code can run, not what is sensible: they turn a crash hours in, or a silent nonsense
 # run, into one line before any work. Cross-field rules live in validate().
@@ -342,6 +364,11 @@ RANGES: dict[str, tuple[float, float]] = {
     "ttt_unfreeze_blocks": (0, 256), "ttt_batch_seqs": (1, 1 << 16), "ttt_grad_clip": (0, 1e9),
     "ttt_temperature": (1e-3, 1e3), "eval_max_seconds": (0, 365 * DAY_S),
     "token_order": (2, 1024), "token_threshold": (0, 1), "token_boost": (0, 100),
+    "ttt_lora_rank": (1, 1 << 16), "ttt_lora_alpha": (0, 1e6), "ttt_lora_lr": (0, 100), "ttt_lora_beta1": (0, 0.999999),
+    "ttt_lora_beta2": (0, 0.999999), "ttt_lora_eps": (1e-30, 1), "ttt_lora_wd": (0, 1e4),
+    "ttt_lora_chunk": (1, 1 << 20), "ttt_lora_doc_batch": (1, 1 << 16), "ttt_phases": (0, 1000),
+    "ttt_phase_prefix_docs": (0, 1 << 31), "ttt_phase_lr": (0, 100), "ttt_phase_momentum": (0, 1),
+    "ttt_phase_grad_clip": (0, 1e9), "ttt_phase_batch_seqs": (1, 1 << 16),
     "sync_every_seconds": (0, DAY_S), "sync_deadline_seconds": (0.1, DAY_S),
 }
 
@@ -470,6 +497,11 @@ def validate(cfg: Config) -> None:
     if e.asym_logit_rescale and m.logit_softcap <= 0:
         _fail(f"ASYM_LOGIT_RESCALE=1 starts from the model's cap, but LOGIT_SOFTCAP={m.logit_softcap}; "
               "set LOGIT_SOFTCAP > 0 or turn AsymLogit off")
+    sites = [x.strip() for x in e.ttt_lora_sites.split(",") if x.strip()]
+    if not sites or set(sites) - set(LORA_SITES):
+        _fail(f"TTT_LORA_SITES={e.ttt_lora_sites!r}: choose a comma list from {','.join(LORA_SITES)}")
+    if e.ttt_lora_short_chunks and not re.fullmatch(r"\s*\d+:\d+\s*(,\s*\d+:\d+\s*)*", e.ttt_lora_short_chunks):
+        _fail(f"TTT_LORA_SHORT_CHUNKS={e.ttt_lora_short_chunks!r}: write DOC_LEN:CHUNK pairs, e.g. 256:8,2000:24")
     if cfg.preset not in PRESETS:
         _fail(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
 
@@ -652,7 +684,11 @@ def _frontier() -> Config:
             lowrank_rank=4, lowrank_tensors=3, lowrank_packing="asym", lowrank_group=64,
             int8_row_tensors="*attn.gate*", compress_groups=True, sort_rows="tok_emb,attn.c_q,mlp.fc",
         ),
-        eval=replace(base.eval, eval_seq_len=2560, ngram_tilt_enabled=True, asym_logit_rescale=True),
+        # phased LoRA TTT as #2135 runs it: #1855's mode, no Q/V LoRA and LoRA lr x0.75 (#1953), short-document
+        # chunks (#2014), one phase over a 2,500-document prefix (#2135), eval context 2560 (#1953)
+        eval=replace(base.eval, eval_seq_len=2560, ngram_tilt_enabled=True, asym_logit_rescale=True,
+                     eval_mode="lora_ttt", ttt_lora_sites="k,o,mlp,head", ttt_lora_lr=0.75e-4,
+                     ttt_lora_short_chunks="256:8,2000:24", ttt_phases=1, ttt_phase_prefix_docs=2500),
     )
 
 
@@ -684,9 +720,18 @@ def _frontier_tiny() -> Config:
                       **_frontier_optimizer(base.train)),
         quant=replace(base.quant, calib_batches=tiny.quant.calib_batches,
                       passthrough_max_numel=tiny.quant.passthrough_max_numel),
-        eval=replace(tiny.eval, eval_seq_len=2 * tiny.train.train_seq_len, ngram_tilt_enabled=True,
-                     asym_logit_rescale=True),
+        # LoRA TTT scaled down (same alpha/rank 1.8): seconds on 2 CPU cores
+        eval=replace(_frontier_lora_eval(base.eval, tiny.eval), eval_seq_len=2 * tiny.train.train_seq_len,
+                     ttt_lora_rank=16, ttt_lora_alpha=28.8, ttt_lora_doc_batch=8, ttt_phase_prefix_docs=32,
+                     ttt_phase_batch_seqs=4),
     )
+
+
+def _frontier_lora_eval(frontier: EvalConfig, small: EvalConfig) -> EvalConfig:
+    """A small preset's eval section with the frontier's evaluator switches (mode, tilt, AsymLogit, LoRA)."""
+    keep = ("eval_mode", "ngram_tilt_enabled", "asym_logit_rescale", "ttt_lora_sites", "ttt_lora_lr",
+            "ttt_lora_short_chunks", "ttt_phases")
+    return replace(small, **{name: getattr(frontier, name) for name in keep})
 
 
 def _frontier_debug() -> Config:
@@ -703,8 +748,9 @@ def _frontier_debug() -> Config:
                       **_frontier_optimizer(base.train)),
         quant=replace(base.quant, calib_batches=debug.quant.calib_batches,
                       passthrough_max_numel=debug.quant.passthrough_max_numel),
-        eval=replace(debug.eval, eval_seq_len=2 * debug.train.train_seq_len, ngram_tilt_enabled=True,
-                     asym_logit_rescale=True),
+        eval=replace(_frontier_lora_eval(base.eval, debug.eval), eval_seq_len=2 * debug.train.train_seq_len,
+                     ttt_lora_rank=4, ttt_lora_alpha=7.2, ttt_lora_doc_batch=4, ttt_phase_prefix_docs=8,
+                     ttt_phase_batch_seqs=4),
     )
 
 

@@ -31,7 +31,7 @@ class EvalClock:
     """Wall time since construction, with named parts (load, build, warmup, score, ttt; ngram when the
     n-gram tilt's precompute runs: it is eval work and on the clock, as in #2018/#2130/#2135)."""
 
-    PARTS = ("load", "build", "warmup", "score", "ttt")
+    PARTS = ("load", "build", "warmup", "score", "ttt")  # + "ngram", "phase" when they run
 
     def __init__(self, clock: Clock | None = None):
         self.clock = clock or time.perf_counter

@@ -12,7 +12,8 @@ input tensors) on random tokens, so nothing compiles on validation tokens or ins
 window plan is copied to the device once; the loop then builds every batch on the device.
 
 Modes: `rows` (non-overlapping seq_len rows), `sliding` (stride EVAL_STRIDE), `ttt` (sliding windows in
-TTT_CHUNK_TOKENS chunks, score-first adaptation between chunks; see ttt.py). Every rank calls
+TTT_CHUNK_TOKENS chunks, score-first adaptation between chunks; see ttt.py), `lora_ttt` (documents cut at
+BOS, per-document LoRA with global SGD phases, scored longest document first; see phased.py). Every rank calls
 `evaluate`; each chunk's windows are split contiguously over the ranks, which move in lockstep.
 
 Extras, each off unless its knob is set: the n-gram tilt (NGRAM_TILT_ENABLED, ngram.py: hints built on
@@ -34,20 +35,20 @@ import numpy as np
 import torch
 
 from pgolf import dist
-from pgolf.model.compiled import compile_counts, compile_events, is_compiled, maybe_compiled
+from pgolf.model.compiled import compile_counts, compile_enabled, compile_events, is_compiled, maybe_compiled
 from pgolf.config import Config
 from pgolf.fileio import atomic_write, atomic_write_json
 from pgolf.errors import ArtifactError, ConfigError
 from pgolf.evaluate.budget import BudgetGuard, Clock, EvalClock
 from pgolf.evaluate.head import AsymLogitHead
 from pgolf.evaluate.ngram import NgramHints, build_hints, check_same_on_all_ranks
-from pgolf.evaluate.score import Tally, score_windows, window_table
+from pgolf.evaluate.score import DocTally, Tally, score_windows, window_table
 from pgolf.evaluate.ttt import Adapter, cosine_lr, select_trainable
 from pgolf.evaluate.windows import Chunk, Window, check_tiling, plan_chunks, plan_rows, plan_windows, shard
 
 log = logging.getLogger("pgolf.evaluate")
 
-MODES = ("rows", "sliding", "ttt")
+MODES = ("rows", "sliding", "ttt", "lora_ttt")
 StateDictLoader = Callable[[Path], Mapping[str, torch.Tensor]]
 
 
@@ -78,6 +79,14 @@ class EvalResult:
     ngram_checks: int = 0  # scored ranges whose hints the Tally verified as causal
     softcap_pos: float = 0.0  # AsymLogit caps after the evaluation (0 = AsymLogit off)
     softcap_neg: float = 0.0
+    # lora_ttt (phased per-document LoRA TTT, phased.py); ttt_steps counts its batched LoRA steps
+    docs: int = 0
+    doc_batches: int = 0
+    lora_doc_steps: int = 0  # per-document optimizer steps
+    lora_params_per_doc: int = 0
+    phases_run: int = 0
+    phase_steps: int = 0
+    phase_tokens: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +276,7 @@ def evaluate(cfg: Config, run_dir: Path, artifact_path: Path | None = None, mode
         trainable = select_trainable(model, e.ttt_unfreeze_blocks) if mode == "ttt" else []
         if mode == "ttt" and isinstance(net, AsymLogitHead):
             trainable += [(name, p.requires_grad_(True)) for name, p in net.named_parameters(recurse=False)]
-        model_fn = maybe_compiled("score", net, cfg.model.torch_compile, device)
+        model_fn = net if mode == "lora_ttt" else maybe_compiled("score", net, cfg.model.torch_compile, device)
         compiled = is_compiled(model_fn)
         tokens = torch.from_numpy(tokens_np).to(device)
         adapter = None
@@ -276,6 +285,10 @@ def evaluate(cfg: Config, run_dir: Path, artifact_path: Path | None = None, mode
             adapter = Adapter(ttt_fn, [p for _, p in trainable], seq_len=seq_len, batch_seqs=e.ttt_batch_seqs,
                               grad_clip=e.ttt_grad_clip, temperature=e.ttt_temperature, rank=rank,
                               world_size=world_size, pad_rows=compiled)
+    if mode == "lora_ttt":
+        return _evaluate_lora(cfg, run_dir, summary_name, per_token_out, net=net, model=model, tokens=tokens,
+                              tokens_np=tokens_np, target_bytes=target_bytes, clock=eval_clock, source=source,
+                              compile_mark=compile_mark)
     # scoring in TTT must not make inference tensors (the model may cache them and backprop later)
     grad_ctx = torch.no_grad if mode == "ttt" else torch.inference_mode
     with eval_clock.part("warmup"):
@@ -337,6 +350,83 @@ def evaluate(cfg: Config, run_dir: Path, artifact_path: Path | None = None, mode
         log.info("eval_%s val_loss:%.8f val_bpb:%.8f targets:%d bytes:%d eval_time:%.0fms ttt_steps:%d guard:%s",
                  mode, result.val_loss, result.val_bpb, count, byte_sum, result.eval_time_s * 1000, steps,
                  "fired" if guard.fired else "no")
+    dist.barrier()
+    return result
+
+
+def _evaluate_lora(cfg: Config, run_dir: Path, summary_name: str, per_token_out: Path | None, *, net: torch.nn.Module,
+                   model: torch.nn.Module, tokens: torch.Tensor, tokens_np: np.ndarray, target_bytes: np.ndarray,
+                   clock: EvalClock, source: Path, compile_mark: int) -> EvalResult:
+    """EVAL_MODE=lora_ttt: documents, n-gram hints in score order, the phased LoRA loop, the reduce."""
+    from pgolf.data.bpb import bits_per_byte
+    from pgolf.evaluate.docs import plan_documents, score_time
+    from pgolf.evaluate.phased import PhasedLoRA
+
+    e, seq_len = cfg.eval, cfg.eval_seq_len
+    rank, world_size, _, device = dist.distributed_context(cfg.train.device)
+    comm = _comm_device(device)
+    with clock.part("build"):
+        plan = plan_documents(tokens_np, doc_batch=e.ttt_lora_doc_batch, chunk=e.ttt_lora_chunk,
+                              short_chunks=e.ttt_lora_short_chunks, prefix_docs=e.ttt_phase_prefix_docs,
+                              phases=e.ttt_phases)
+        tally = DocTally(target_bytes, per_token_out is not None, plan.lo, plan.hi)
+        compile_fn = None
+        if compile_enabled(cfg.model.torch_compile, device):
+            compile_fn = lambda purpose, fn, planned: maybe_compiled(  # noqa: E731
+                purpose, fn, cfg.model.torch_compile, device, planned=planned)
+    hints = time = None
+    if e.ngram_tilt_enabled:  # on the eval clock, in the order the documents are scored (docs.score_time)
+        with clock.part("ngram"):
+            time = torch.from_numpy(score_time(plan)).to(device)
+            doc_start = torch.from_numpy(np.repeat(plan.lo, plan.hi - plan.lo)).to(device)
+            hints = build_hints(tokens, e.token_order, e.token_threshold, e.token_boost, time=time,
+                                doc_start=doc_start)
+            check_same_on_all_ranks(hints, comm)
+    runner = PhasedLoRA(net=net, model=model, tokens=tokens, plan=plan, tally=tally, e=e, seq_len=seq_len, rank=rank,
+                        world_size=world_size, clock=clock, comm_device=comm, hints=hints, time=time,
+                        compile_fn=compile_fn)
+    with clock.part("warmup"):
+        if compile_fn is not None:
+            runner.warm_up()
+    n_targets = len(tokens_np) - 1
+    if rank == 0:
+        log.info("eval mode:lora_ttt targets:%d docs:%d batches:%d phases_at_batches:%s seq_len:%d world_size:%d "
+                 "lora_params_per_doc:%d sites:%s source:%s", n_targets, plan.n_docs, len(plan.batches),
+                 plan.phase_ends, seq_len, world_size, runner.lora.num_params_per_doc(), e.ttt_lora_sites, source)
+    stats = runner.run()
+
+    sums = dist.all_reduce_(torch.tensor([tally.nll_sum, tally.count, tally.byte_sum, stats.steps, stats.doc_steps,
+                                          float(stats.stopped)], dtype=torch.float64, device=comm))
+    nll_sum, count, byte_sum = float(sums[0]), int(sums[1]), int(sums[2])
+    if count != n_targets or byte_sum != int(target_bytes.sum(dtype=np.int64)):
+        raise AssertionError(f"scored {count} of {n_targets} targets ({byte_sum} bytes); the document plan is broken")
+    tally.merge(lambda t: dist.all_reduce_(t.to(comm), "max").cpu())
+    if not np.array_equal(tally.upto, plan.hi):  # every document scored to its end, once
+        raise AssertionError("some document was not scored to its end")
+    per_token = None
+    if tally.per_token is not None:  # each target was written by exactly one rank: the sum is exact
+        per_token = dist.all_reduce_(torch.from_numpy(tally.per_token).to(comm)).cpu().numpy()
+    result = EvalResult(
+        mode="lora_ttt", val_loss=nll_sum / count, val_bpb=bits_per_byte(nll_sum, byte_sum), targets=count,
+        bytes=byte_sum, eval_time_s=0.0, ttt_steps=int(sums[3]), guard_fired=bool(sums[5]), guard_reason=stats.reason,
+        expected_targets=n_targets, score_first_checks=tally.checks, seq_len=seq_len, world_size=world_size,
+        source=str(source), eval_max_seconds=e.eval_max_seconds, compiles=compile_counts(compile_mark),
+        ngram_hinted=hints.fired if hints is not None else 0, ngram_checks=tally.hint_checks, docs=plan.n_docs,
+        doc_batches=len(plan.batches), lora_doc_steps=int(sums[4]), lora_params_per_doc=runner.lora.num_params_per_doc(),
+        phases_run=stats.phases, phase_steps=stats.phase_steps, phase_tokens=stats.phase_tokens,
+    )
+    if isinstance(net, AsymLogitHead):
+        result.softcap_pos, result.softcap_neg = net.softcap_pos.item(), net.softcap_neg.item()
+    if rank == 0 and per_token_out is not None:
+        write_per_token(Path(per_token_out), per_token, target_bytes)
+    result.eval_time_s = clock.elapsed()
+    result.parts = {k: round(v, 4) for k, v in clock.parts.items()}
+    if rank == 0:
+        write_summary(run_dir, summary_name, result, per_token_out)
+        log.info("eval_lora_ttt val_loss:%.8f val_bpb:%.8f targets:%d bytes:%d eval_time:%.0fms lora_steps:%d "
+                 "phases:%d phase_steps:%d guard:%s", result.val_loss, result.val_bpb, count, byte_sum,
+                 result.eval_time_s * 1000, result.ttt_steps, stats.phases, stats.phase_steps,
+                 "fired" if result.guard_fired else "no")
     dist.barrier()
     return result
 
