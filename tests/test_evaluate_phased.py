@@ -295,3 +295,33 @@ def test_two_gloo_ranks(docs, results, tmp_path):
         assert abs(two["val_bpb"] - one.val_bpb) <= tol, (name, two["val_bpb"], one.val_bpb)
     two_nll = np.load(run_dir / "cold.npz")["nll"]
     assert np.abs(two_nll - cold_one_nll).max() <= 1e-4
+
+
+# --- the frontier-debug preset on CaseOps data: bytes from the sidecar ------------------------------------
+
+
+def test_frontier_debug_preset_scores_original_bytes_through_the_sidecar(offline_caseops_data, tmp_path):
+    """`frontier-debug`'s own eval knobs (lora_ttt, no Q/V, short-document chunks, one phase, tilt, AsymLogit,
+    context 2 x training) on a cut of the CaseOps validation stream: the byte total is the sidecar's."""
+    from pgolf import config as cfgmod
+    from pgolf.data.shards import read_shard, write_shard
+    from pgolf.evaluate import evaluate
+    from pgolf.model import build_model
+
+    tokens = np.asarray(read_shard(offline_caseops_data / "fineweb_val_000000.bin"))[:12_000]
+    sidecar = np.asarray(read_shard(offline_caseops_data / "fineweb_val_bytes_000000.bin"))[:12_000]
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(data / "fineweb_val_000000.bin", tokens)
+    write_shard(data / "fineweb_val_bytes_000000.bin", sidecar)
+    cfg = cfgmod.resolve("frontier-debug", {"data_path": str(data),
+                                            "tokenizer_path": str(offline_caseops_data / "tokenizer.model")}, env={})
+    assert cfg.eval.eval_mode == "lora_ttt" and cfg.eval_seq_len == 2 * cfg.train.train_seq_len
+    torch.manual_seed(0)
+    sd = build_model(cfg.model).state_dict()
+    result = evaluate(cfg, tmp_path / "run", per_token_out=tmp_path / "audit.npz", state_dict_loader=lambda _: sd)
+    n_docs = int((tokens[:-1] == BOS_ID).sum()) + (tokens[0] != BOS_ID)
+    assert result.mode == "lora_ttt" and result.docs == n_docs and result.targets == len(tokens) - 1
+    assert result.bytes == int(sidecar[1:].sum()) and result.phases_run == 1 and result.ngram_hinted > 0
+    audit = np.load(tmp_path / "audit.npz")
+    assert (audit["bytes"] == sidecar[1:]).all() and (audit["nll"] > 0).all()

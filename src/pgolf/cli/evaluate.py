@@ -1,4 +1,4 @@
-"""`pgolf evaluate PATH --mode rows|sliding|ttt`: score an artifact (or an unquantized checkpoint).
+"""`pgolf evaluate PATH --mode rows|sliding|ttt|lora_ttt`: score an artifact (or an unquantized checkpoint).
 
 PATH is a run folder (its artifact.pgz and config.json), an artifact file, or a *.pt checkpoint.
 Config: the run folder's config.json (PATH, or the folder holding the weights, or its parent) unless
@@ -25,7 +25,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", nargs="?", type=Path, metavar="ARTIFACT",
                    help="run folder, artifact file, or *.pt checkpoint")
-    p.add_argument("--mode", choices=("rows", "sliding", "ttt"), help="evaluation mode (default: EVAL_MODE)")
+    p.add_argument("--mode", choices=("rows", "sliding", "ttt", "lora_ttt"), help="evaluation mode (default: EVAL_MODE)")
     p.add_argument("--data", type=Path, help="folder of fineweb_val_*.bin shards (DATA_PATH)")
     p.add_argument("--tokenizer", type=Path, help="SentencePiece model for byte counts (TOKENIZER_PATH)")
     p.add_argument("--per-token-out", type=Path, metavar="FILE.npz",

@@ -363,6 +363,8 @@ def _evaluate_lora(cfg: Config, run_dir: Path, summary_name: str, per_token_out:
     from pgolf.evaluate.phased import PhasedLoRA
 
     e, seq_len = cfg.eval, cfg.eval_seq_len
+    if e.ttt_temperature != 1.0:  # #1855 scores raw logits; a silently ignored knob would mislead
+        raise ConfigError(f"TTT_TEMPERATURE={e.ttt_temperature} is not supported by EVAL_MODE=lora_ttt; leave it at 1")
     rank, world_size, _, device = dist.distributed_context(cfg.train.device)
     comm = _comm_device(device)
     with clock.part("build"):

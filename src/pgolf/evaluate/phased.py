@@ -96,6 +96,10 @@ class PhasedLoRA:
             self.lora_fn = compile_fn("lora_ttt", self.lora_fn, planned=len(self.widths))
             self.phase_fn = compile_fn("phase_step", net, planned=1)
         self.base_params = [p for p in net.parameters()]
+        if plan.phase_ends:  # phases train every base weight in fp32 (spec §9); cast now, before any compile
+            for p in self.base_params:
+                if p.dtype != torch.float32:
+                    p.data = p.data.float()
         self.stats = LoraStats()
         self._rate_targets = 0
         self._rate_seconds = 0.0
@@ -201,10 +205,8 @@ class PhasedLoRA:
         rows = -(-n // L)
         per_step = self.e.ttt_phase_batch_seqs
         n_steps = -(-rows // per_step)
-        params = [p for p in self.base_params]
+        params = self.base_params
         for p in params:
-            if p.dtype != torch.float32:
-                p.data = p.data.float()
             p.requires_grad_(True)
         opt = torch.optim.SGD(params, lr=0.0, momentum=self.e.ttt_phase_momentum)
         rows_per_rank = -(-per_step // self.world_size) if self.widths is not None else None

@@ -11,6 +11,9 @@ fresh copy of a two-line trampoline: its own code object, hence its own cache an
     val_nll      validation NLL during training (batches padded to one shape); the same +1s
     score        evaluation forward under the evaluator's grad mode (rows, sliding or TTT scoring)
     ttt_step     TTT's training forward (+ backward)
+    lora_ttt     phased LoRA TTT's forward under the per-document LoRA (+ backward): one graph per padded
+                 window width (64, 128, ... up to EVAL_SEQ_LEN; 7 at 2560), all warmed on random tokens
+    phase_step   the global SGD phase's forward (+ backward), EVAL_SEQ_LEN rows
     newton_schulz  Muon's orthogonalization, one graph per matrix shape
 
 Each wrapper is told how many graphs it should need (`planned`). Every compile is logged with its
