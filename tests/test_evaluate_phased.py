@@ -225,7 +225,7 @@ def test_compiled_path_pads_widths_and_warms_up_on_random_tokens(docs, results, 
     """Static shapes as on CUDA: windows padded to a few widths (<= planned graphs per wrapper), every
     width warmed on random tokens before validation, and the scores unchanged by the padding."""
     import pgolf.evaluate.core as core
-    from pgolf.compiled import call_signature
+    from pgolf.model.compiled import call_signature
 
     calls: list[tuple[str, int, tuple, torch.Tensor]] = []
 
