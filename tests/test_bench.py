@@ -341,3 +341,15 @@ def test_gpu_check_watchdog_fires_after_the_grace(gpu_check):
     d2 = gpu_check.Deadline(0.05, fired.clear, grace_s=0.0)
     d2.cancel()  # a finished run cancels the watchdog
     assert gpu_check.Deadline(0, None).left() == math.inf
+
+
+def test_frontier_at_a_smaller_shape_keeps_its_depth_layout_and_context_growth():
+    """The looped span, the lanes and TRAIN_SEQ_SCHEDULE follow the shape: at `tiny` they are exactly the
+    `frontier-tiny` preset's own choices (relative depths; lengths that divide the micro-batch)."""
+    got, own = B.at_shape("frontier", "tiny"), config.resolve("frontier-tiny", env={})
+    for f in ("loop_start", "loop_end", "parallel_start_layer", "num_loops", "num_layers"):
+        assert getattr(got.model, f) == getattr(own.model, f), f
+    assert config.parse_seq_schedule(got.train.train_seq_schedule, 256) == \
+        config.parse_seq_schedule(own.train.train_seq_schedule, 256)
+    with pytest.raises(config.ConfigError, match="PARALLEL_START_LAYER"):  # 2 layers hold no loop + lanes
+        B.at_shape("frontier", "debug")

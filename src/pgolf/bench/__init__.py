@@ -68,7 +68,11 @@ def at_shape(stack: str, shape: str | None, steps: int | None = None) -> Config:
             model["rope_dims"] = head_dim
         if m.rope_ntk_ref_len:
             model["rope_ntk_ref_len"] = max(1, m.rope_ntk_ref_len * st.train_seq_len // t.train_seq_len)
+        if m.num_loops or m.parallel_lanes:
+            model.update(_depth_layout(m, sm.num_layers))
         train = {f: getattr(st, f) for f in SHAPE_TRAIN}
+        if t.train_seq_schedule:
+            train["train_seq_schedule"] = st.train_seq_schedule or _scaled_seq_schedule(t, st)
         train["gptq_reserve_seconds"] = st.gptq_reserve_seconds if base.quant.quant_method == "gptq" else 0.0
         train["ema_decay"] = st.ema_decay if t.ema_decay > 0 else 0.0
         cfg = replace(
@@ -91,6 +95,25 @@ def at_shape(stack: str, shape: str | None, steps: int | None = None) -> Config:
             ema_decay=(1 - 1 / max(0.1 * steps, 2.0)) if cfg.train.ema_decay > 0 else 0.0,
         ))
     return cfg
+
+
+def _depth_layout(m, num_layers: int) -> dict[str, int]:
+    """The looped span and the first parallel layer at the same relative depths in `num_layers` layers
+    (11 -> 4: loop 3..5 -> 1..2, lanes 8 -> 3; the frontier-tiny and frontier-debug presets' own choices)."""
+    at = lambda layer: min(num_layers - 1, round(layer * num_layers / m.num_layers))  # noqa: E731
+    return {"loop_start": at(m.loop_start), "loop_end": at(m.loop_end),
+            "parallel_start_layer": at(m.parallel_start_layer)}
+
+
+def _scaled_seq_schedule(t, size) -> str:
+    """TRAIN_SEQ_SCHEDULE with every length scaled to the shape's TRAIN_SEQ_LEN (same stage ends), each
+    rounded down to a divisor of the shape's micro-batch tokens (their count per step stays fixed)."""
+    from pgolf.config import parse_seq_schedule
+
+    micro = size.micro_batch_seqs * size.train_seq_len
+    fit = lambda n: max(d for d in range(1, n + 1) if micro % d == 0)  # noqa: E731
+    stages = parse_seq_schedule(t.train_seq_schedule, t.train_seq_len)
+    return ",".join(f"{fit(max(2, n * size.train_seq_len // t.train_seq_len))}@{end:g}" for end, n in stages)
 
 
 def _scaled_passthrough(stack: Config, size: Config) -> int:
