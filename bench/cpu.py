@@ -209,7 +209,7 @@ def loss_curve(metrics: Path) -> list[tuple[int, float]]:
 
 
 def quantizer(cfg, run_dir: Path) -> dict[str, Any]:
-    from pgolf.quantize import compare_methods
+    from pgolf.quantize.compare import compare_methods
 
     rows = compare_methods(cfg, run_dir, elements=False)
     fp32 = rows[0]["val_bpb"]

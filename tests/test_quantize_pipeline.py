@@ -155,7 +155,7 @@ def test_cli_bare_checkpoint_needs_a_config(run_dir, capsys):
 
 
 def test_compare_methods_scores_every_variant(cfg, run_dir):
-    from pgolf.quantize import compare_methods, format_compare
+    from pgolf.quantize.compare import compare_methods, format_compare
 
     rows = compare_methods(cfg, run_dir, max_val_tokens=2048, code_bytes=0)
     assert [r["method"].split(" ")[0] for r in rows[:4]] == ["fp32", "int8", "rtn", "configured"]

@@ -70,7 +70,8 @@ def _config(args, config_path):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pgolf.quantize import compare_methods, format_compare, quantize_checkpoint
+    from pgolf.quantize import quantize_checkpoint
+    from pgolf.quantize.compare import compare_methods, format_compare
     from pgolf.quantize.calibrate import calibrate_checkpoint
     from pgolf.quantize.report import TensorRow, format_table
 

@@ -4,18 +4,18 @@
     quantize(cfg, run_dir, code_bytes=None) -> QuantResult  artifact.pgz + quant_report.json
     load_artifact(path) -> state dict                       dequantized float32, the model's keys
     dequantize_in_memory(entries) -> state dict             identical to load_artifact of the same entries
-    compare_methods(cfg, run_dir) -> rows                   bytes and val_bpb of several methods
     size_lines(report_path) -> lines                        the upstream size lines (Code size, Total submission size)
 
 Modules: rows (row scales, RTN), gptq, awq (AWQ-lite group choice), lowrank (LQER factors), calibrate,
 groups (roles across layers, similarity sort), artifact (container, layouts, compressors), report
 (sizes, table), quantizer (the stage), compare (methods and frontier elements side by side), estimate
-(full-size bytes from shapes). Importing this package imports torch; the CLI imports it lazily.
+(full-size bytes from shapes); compare and estimate are tools, imported by name (pgolf.quantize.compare),
+so the single-file train_gpt.py does not carry them. Importing this package imports torch; the CLI
+imports it lazily.
 """
 
 from pgolf.quantize.artifact import load_artifact
 from pgolf.quantize.calibrate import CalibResult, calibrate
-from pgolf.quantize.compare import compare_methods, format_compare
 from pgolf.quantize.quantizer import (QuantResult, dequantize_in_memory, quantize, quantize_checkpoint,
                                       quantize_state_dict)
 from pgolf.quantize.report import size_lines
@@ -24,9 +24,7 @@ __all__ = [
     "CalibResult",
     "QuantResult",
     "calibrate",
-    "compare_methods",
     "dequantize_in_memory",
-    "format_compare",
     "load_artifact",
     "quantize",
     "quantize_checkpoint",

@@ -54,6 +54,8 @@ EXCLUDED = (
     "pgolf.data.fetch",
     "pgolf.data.offline",
     "pgolf.data.push",
+    "pgolf.quantize.compare",  # `pgolf quantize --compare` and the bench, never a record run
+    "pgolf.quantize.estimate",
 )
 
 # requirements.txt names for the third-party modules the embedded code imports
