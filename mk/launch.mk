@@ -2,6 +2,7 @@
 # Details and a from-zero walkthrough: docs/launch.md.
 #
 #   make launch SEED=1337 IMAGE=ghcr.io/you/pgolf:TAG   one record attempt on 8 x H100 SXM
+#   make launch SEED=1337 PRESET=frontier               the same with another preset (and its data)
 #   make seeds SEEDS="1337 42 2025"                      three seeds, one cluster
 #   make status | logs | down                            watch it, tear it down (always works)
 #   make stage-data DATA_URI=s3://bucket/data            copy FineWeb from HF to your bucket once
@@ -11,6 +12,7 @@ SKY ?= $(if $(wildcard $(VENV)/bin/sky),$(VENV)/bin/sky,sky)
 DOCKER ?= docker
 TASK ?= sky/record.yaml
 SEED ?= 1337
+PRESET ?=
 SEEDS ?= 1337 42 2025
 # Cluster names come from your user name and the (first) seed: pgolf-<user>-s<seed>.
 CLUSTER_USER := $(shell id -un 2>/dev/null | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$$//g')
@@ -27,20 +29,21 @@ FA3_LOCK := docker/fa3.lock
 FA3_WHEEL_URL = $(shell sed -n 's/^FA3_WHEEL_URL=//p' $(FA3_LOCK))
 FA3_WHEEL_SHA256 = $(shell sed -n 's/^FA3_WHEEL_SHA256=//p' $(FA3_LOCK))
 IMAGE_FLAGS = $(if $(IMAGE),--image $(IMAGE)) $(if $(IMAGE_DIGEST),--image-digest $(IMAGE_DIGEST))
+PRESET_FLAGS = $(if $(PRESET),--preset $(PRESET))
 
 .PHONY: launch launch-dry seeds status logs down stage-data image push fa3-pin image-digests lock lint-docker
 
 launch: venv ## launch one seed on 8 x H100 SXM (SEED=1337 IMAGE=... TASK=sky/record.yaml)
 	@echo ">> launching $(TASK) with SEED=$(SEED) on cluster $(CLUSTER) (image: $(or $(IMAGE),the YAML's public image)); autostop+teardown after $(IDLE) idle min"
-	$(PGOLF) launch $(TASK) --seed $(SEED) --cluster $(CLUSTER) $(IMAGE_FLAGS) --idle-minutes $(IDLE) $(LAUNCH_FLAGS)
+	$(PGOLF) launch $(TASK) --seed $(SEED) --cluster $(CLUSTER) $(IMAGE_FLAGS) $(PRESET_FLAGS) --idle-minutes $(IDLE) $(LAUNCH_FLAGS)
 
 launch-dry: venv ## write ship/train_gpt.py, print it, the resolved task and the equivalent sky command, offline
 	@echo ">> dry run of $(TASK) with SEED=$(SEED) on cluster $(CLUSTER): nothing is launched"
-	$(PGOLF) launch $(TASK) --seed $(SEED) --cluster $(CLUSTER) $(IMAGE_FLAGS) --idle-minutes $(IDLE) --dry-run $(LAUNCH_FLAGS)
+	$(PGOLF) launch $(TASK) --seed $(SEED) --cluster $(CLUSTER) $(IMAGE_FLAGS) $(PRESET_FLAGS) --idle-minutes $(IDLE) --dry-run $(LAUNCH_FLAGS)
 
 seeds: venv ## run SEEDS="1337 42 2025" one after another on one cluster (launch, then sky exec)
 	@echo ">> running seeds $(SEEDS) of $(TASK) on cluster $(SEEDS_CLUSTER): the first launches it, the others reuse it"
-	$(PGOLF) launch $(TASK) --seeds $(SEEDS) --cluster $(SEEDS_CLUSTER) $(IMAGE_FLAGS) --idle-minutes $(IDLE) $(LAUNCH_FLAGS)
+	$(PGOLF) launch $(TASK) --seeds $(SEEDS) --cluster $(SEEDS_CLUSTER) $(IMAGE_FLAGS) $(PRESET_FLAGS) --idle-minutes $(IDLE) $(LAUNCH_FLAGS)
 
 status: venv ## list your SkyPilot clusters
 	@echo ">> sky status (all your clusters; $(CLUSTER) is SEED=$(SEED)'s)"

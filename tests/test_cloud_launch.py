@@ -381,3 +381,14 @@ def test_make_refuses_image_and_staging_without_their_variables():
         proc = subprocess.run(["make", "--no-print-directory", "-o", "venv", "-o", ".venv/.installed", target,
                                "IMAGE=", "DATA_URI="], cwd=REPO, capture_output=True, text=True)
         assert proc.returncode != 0 and "set " in proc.stdout
+
+
+def test_a_preset_on_other_data_gets_its_variant_shards_and_tokenizer(cloud_env, capsys):
+    """`--preset frontier` trains on CaseOps SP8192: the YAML's sp1024 data envs (which the node's env would
+    put over the file's embedded defaults) follow the preset, so the node fetches and reads the right data."""
+    assert main(["launch", "--dry-run", "--no-check", "--seed", "5", "--preset", "frontier"]) == 0
+    out = capsys.readouterr().out
+    data = cfgmod.resolve("frontier", env={}).data
+    assert "VARIANT=caseops8192" in out or "VARIANT: caseops8192" in out
+    assert data.data_path in out and data.tokenizer_path in out
+    assert "fineweb10B_sp1024" not in out.split("sky launch", 1)[-1]

@@ -73,6 +73,14 @@ def _base_envs(args: argparse.Namespace, yaml_envs: dict) -> dict[str, str]:
             envs[name] = value
     if args.preset:
         envs["PRESET"] = args.preset
+        # the YAML's data envs override the file's embedded defaults: a preset that trains on another
+        # data variant (frontier: caseops8192) gets its own variant, shard folder and tokenizer
+        data = cfgmod.resolve(args.preset, env={}).data
+        if "VARIANT" in yaml_envs and data.data_variant != str(yaml_envs["VARIANT"]):
+            for name, value in (("VARIANT", data.data_variant), ("DATA_PATH", data.data_path),
+                                ("TOKENIZER_PATH", data.tokenizer_path)):
+                if name in yaml_envs:
+                    envs[name] = value
     envs.update(parse_env_pairs(args.env))
     return envs
 
