@@ -9,7 +9,7 @@ Every figure is measured in this run, on the offline corpus (data/offline, built
      each through train -> calibrate (GPTQ stacks) -> quantize with its own quantizer -> evaluate:
      val_bpb before quantization (rows), after (rows), after score-first TTT
   3. quantizer: int8 RTN + zlib (the naive baseline's) vs int6 GPTQ + best compressor on the SAME
-     seed-plus weights (pgolf.quantize.compare_methods)
+     seed-plus weights (pgolf.quantize.compare.compare_methods)
   4. evaluation throughput (targets/s) of rows, sliding and TTT on the seed-plus artifact
   5. `make demo` phases: from the newest tiny run folder under runs/ (metrics.jsonl, summary.json,
      quant_report.json), else the same stages timed in step 2 for the seed-plus stack
