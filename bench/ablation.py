@@ -62,6 +62,11 @@ ELEMENTS = (
     Element("context growth", {"train_seq_schedule": "", "seq_change_warmup_steps": 0}, "#2014"),
     Element("Muon row normalization", {"muon_row_normalize": False}, "#1855"),
     Element("Polar Express Newton-Schulz", {"muon_ns_coeffs": "classic"}, "#1855"),
+    Element("all of frontier's training settings (seed's optimizer and schedule instead)", dict(
+        warmdown_frac=0.0, min_lr=0.0, train_seq_schedule="", seq_change_warmup_steps=0, muon_row_normalize=False,
+        muon_ns_coeffs="classic", matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035, muon_momentum=0.95,
+        muon_momentum_warmup_start=0.85, muon_wd=0.04, adam_beta2=0.95, embed_wd=-1.0, embed_beta2=-1.0,
+        scalar_wd=-1.0, scalar_beta2=-1.0), "#1855, #2014"),
     Element("n-gram tilt", {"ngram_tilt_enabled": False}, "#2135", stage="eval"),
     Element("AsymLogit", {"asym_logit_rescale": False}, "#1945", stage="eval"),
     Element("phased LoRA TTT (seed's TTT instead)", {"eval_mode": "ttt"}, "#1855", stage="eval",
@@ -189,13 +194,24 @@ def markdown(rep: dict[str, Any]) -> str:
     L += ["", "## One element off (train elements: prequant bpb; eval elements: final bpb)", "",
           "| element off | source | bpb | Δ vs frontier | helps here? |", "|---|---|---|---|---|"]
     for r in rep["elements"]:
-        L.append(f"| {r['element']} | {r['source']} | {r['bpb']:.4f} | {r['delta']:+.4f} | "
-                 f"{'yes' if r['delta'] > 0 else 'no'} |")
+        L.append(f"| {r['element']} | {r['source']} | {r['bpb']:.4f} | {r['delta']:+.4f} | {helps(r['delta'])} |")
+    if rep.get("diagnostics"):
+        L += ["", "## Diagnostics (same data, steps and seed; prequant bpb)", "", "| run | what | bpb |", "|---|---|---|"]
+        L += [f"| {d['name']} | {d['what']} | {d['prequant']:.4f} |" for d in rep["diagnostics"]]
     if rep.get("caseops"):
         c = rep["caseops"]
         L += ["", f"Frontier on CaseOps text (sidecar bytes): prequant {c['prequant']:.4f}, final {c['final']:.4f} "
                   f"({c['final_mode']}), model {c['model_bytes']:,} B."]
     return "\n".join(L) + "\n"
+
+
+NOISE_BPB = 0.001  # deltas smaller than this are not read as an effect (other seeds move rows this much)
+
+
+def helps(delta: float) -> str:
+    if abs(delta) < NOISE_BPB:
+        return "no measurable effect"
+    return "yes" if delta > 0 else "no (it hurts here)"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -208,6 +224,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-caseops", action="store_true", help="skip the CaseOps row")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON", help="only rewrite the markdown of a report")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key, None) is None:
@@ -217,6 +234,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
+        return 0
     import torch
 
     from cpu import prepare_data  # the cut offline corpus, shared with `make bench`

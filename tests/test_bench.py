@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -353,3 +354,24 @@ def test_frontier_at_a_smaller_shape_keeps_its_depth_layout_and_context_growth()
         config.parse_seq_schedule(own.train.train_seq_schedule, 256)
     with pytest.raises(config.ConfigError, match="PARALLEL_START_LAYER"):  # 2 layers hold no loop + lanes
         B.at_shape("frontier", "debug")
+
+
+def test_every_ablation_element_is_a_real_knob_that_is_on_in_the_frontier_presets():
+    """A renamed or removed knob would silently drop its row from `make bench-frontier`: every element's
+    overrides name config fields, and each element is on in frontier, frontier-tiny and frontier-debug."""
+    ablation = _load("ablation")
+    for preset in ("frontier", "frontier-tiny", "frontier-debug"):
+        cfg = config.resolve(preset, env={})
+        missing = [el.label for el in ablation.ELEMENTS if not ablation.applies(cfg, el)]
+        assert not missing, (preset, missing)
+        for el in ablation.ELEMENTS:
+            cfg.with_overrides(**el.off)  # switching it off is a valid config
+
+
+def test_ablation_report_renders_the_committed_figures(tmp_path):
+    ablation = _load("ablation")
+    src = REPO / "bench" / "figures" / "frontier-20261202T103922Z.json"
+    rep = json.loads(src.read_text())
+    text = ablation.markdown(rep)
+    assert text == src.with_suffix(".md").read_text()  # the committed markdown is a view of the JSON
+    assert "| `frontier` | 855,285 |" in text and "no measurable effect" in text
