@@ -339,14 +339,8 @@ def evaluate(cfg: Config, run_dir: Path, artifact_path: Path | None = None, mode
         compiles=compile_counts(compile_mark), ngram_hinted=hints.fired if hints is not None else 0,
         ngram_checks=tally.hint_checks,
     )
-    if isinstance(net, AsymLogitHead):
-        result.softcap_pos, result.softcap_neg = net.softcap_pos.item(), net.softcap_neg.item()
-    if rank == 0 and per_token_out is not None:
-        write_per_token(Path(per_token_out), per_token, target_bytes)
-    result.eval_time_s = eval_clock.elapsed()
-    result.parts = {k: round(v, 4) for k, v in eval_clock.parts.items()}
+    _finish(result, net, eval_clock, rank == 0, run_dir, summary_name, per_token_out, per_token, target_bytes)
     if rank == 0:
-        write_summary(run_dir, summary_name, result, per_token_out)
         log.info("eval_%s val_loss:%.8f val_bpb:%.8f targets:%d bytes:%d eval_time:%.0fms ttt_steps:%d guard:%s",
                  mode, result.val_loss, result.val_bpb, count, byte_sum, result.eval_time_s * 1000, steps,
                  "fired" if guard.fired else "no")
@@ -417,14 +411,8 @@ def _evaluate_lora(cfg: Config, run_dir: Path, summary_name: str, per_token_out:
         doc_batches=len(plan.batches), lora_doc_steps=int(sums[4]), lora_params_per_doc=runner.lora.num_params_per_doc(),
         phases_run=stats.phases, phase_steps=stats.phase_steps, phase_tokens=stats.phase_tokens,
     )
-    if isinstance(net, AsymLogitHead):
-        result.softcap_pos, result.softcap_neg = net.softcap_pos.item(), net.softcap_neg.item()
-    if rank == 0 and per_token_out is not None:
-        write_per_token(Path(per_token_out), per_token, target_bytes)
-    result.eval_time_s = clock.elapsed()
-    result.parts = {k: round(v, 4) for k, v in clock.parts.items()}
+    _finish(result, net, clock, rank == 0, run_dir, summary_name, per_token_out, per_token, target_bytes)
     if rank == 0:
-        write_summary(run_dir, summary_name, result, per_token_out)
         log.info("eval_lora_ttt val_loss:%.8f val_bpb:%.8f targets:%d bytes:%d eval_time:%.0fms lora_steps:%d "
                  "phases:%d phase_steps:%d guard:%s", result.val_loss, result.val_bpb, count, byte_sum,
                  result.eval_time_s * 1000, result.ttt_steps, stats.phases, stats.phase_steps,
@@ -435,6 +423,19 @@ def _evaluate_lora(cfg: Config, run_dir: Path, summary_name: str, per_token_out:
 
 # ---------------------------------------------------------------------------------------------
 # outputs
+
+
+def _finish(result: EvalResult, net: torch.nn.Module, clock: Any, is_main: bool, run_dir: Path, summary_name: str,
+            per_token_out: Path | None, per_token: np.ndarray | None, target_bytes: np.ndarray) -> None:
+    """Every mode's last steps: learned caps, the audit file, the clock's total and parts, the summary."""
+    if isinstance(net, AsymLogitHead):
+        result.softcap_pos, result.softcap_neg = net.softcap_pos.item(), net.softcap_neg.item()
+    if is_main and per_token_out is not None:
+        write_per_token(Path(per_token_out), per_token, target_bytes)
+    result.eval_time_s = clock.elapsed()
+    result.parts = {k: round(v, 4) for k, v in clock.parts.items()}
+    if is_main:
+        write_summary(run_dir, summary_name, result, per_token_out)
 
 
 def write_per_token(path: Path, nll: np.ndarray | None, target_bytes: np.ndarray) -> None:
