@@ -224,10 +224,13 @@ def test_server_killed_mid_sync_and_restarted(tmp_path: Path) -> None:
 
 
 CHILD = textwrap.dedent("""
-    import logging, sys, time
+    import logging, signal, sys, time
     from pathlib import Path
     from pgolf.store.sync import RunSync
     logging.basicConfig(level=logging.INFO)
+    # Python keeps SIGINT ignored when it starts ignored (a suite run as a background job): this child
+    # stands for a foreground run, so it takes SIGINT as one does
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     run, uri = Path(sys.argv[1]), sys.argv[2]
     run.mkdir(parents=True)
     with RunSync(run, uri, every_seconds=0.1) as sync:
@@ -264,3 +267,18 @@ def test_signal_in_child_commits_files_so_far(tmp_path: Path, signum: int) -> No
     gen = assert_store_matches_folder(store, run)
     assert gen.status == f"interrupted ({signal.Signals(signum).name})"
     assert len([p for p in gen.files if p.startswith("step")]) >= 6
+
+
+def test_an_ignored_signal_stays_ignored(tmp_path: Path) -> None:
+    """Under nohup or as a background job SIGINT is ignored: RunSync must not take it over (a Ctrl-C
+    meant for the shell would then commit an "interrupted" run that goes on training)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        sync = RunSync(make_run_dir(tmp_path), f"file://{tmp_path / 'store'}", every_seconds=0)
+        assert sync.install_signal_handlers()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == sync._on_signal
+        sync.restore_signal_handlers()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+

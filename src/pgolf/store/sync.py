@@ -493,6 +493,8 @@ class RunSync:
             log.warning("RunSync signal handlers need the main thread; not installed")
             return False
         for signum in signums:
+            if signal.getsignal(signum) == signal.SIG_IGN:  # nohup, or a background job: keep ignoring it
+                continue
             self._prev_handlers[signum] = signal.signal(signum, self._on_signal)
         return True
 
