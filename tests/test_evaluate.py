@@ -14,10 +14,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,6 +29,7 @@ from pgolf.errors import ArtifactError
 from pgolf.evaluate import evaluate, plan_chunks, plan_windows
 from pgolf.evaluate.score import ScoreFirstViolation
 from pgolf.model import GPT, build_model
+from rank_fixtures import evaluate_on_two_ranks
 
 SKIP2_IDS = np.arange(300, 332)  # ordinary pieces of the offline tokenizer
 SKIP2_EVAL = dict(eval_seq_len=32, eval_stride=8, eval_batch_seqs=16, ttt_chunk_tokens=512, ttt_batch_seqs=8,
@@ -320,35 +318,9 @@ def test_ttt_trainable_set_is_fp32():
 
 # --- distributed ----------------------------------------------------------------------------------
 
-TWO_RANK_SCRIPT = """
-import sys, torch
-from pathlib import Path
-torch.set_num_threads(1)
-from pgolf import config, dist
-from pgolf.evaluate import evaluate
-cfg = config.load(sys.argv[1])
-run_dir = Path(sys.argv[2])
-for mode in ("sliding", "ttt"):
-    evaluate(cfg, run_dir, mode=mode, checkpoint=run_dir / "model.pt", per_token_out=run_dir / f"{mode}.npz",
-             summary_name=f"{mode}.json")
-dist.shutdown()
-"""
-
 
 def test_two_gloo_ranks_match_one(skip2, mode_results, tmp_path):
-    run_dir = tmp_path / "ranks2"
-    run_dir.mkdir()
-    torch.save(skip2.sd, run_dir / "model.pt")
-    (run_dir / "config.json").write_text(skip2.cfg.to_json())
-    (tmp_path / "two.py").write_text(TWO_RANK_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(tmp_path / "two.py"), str(run_dir / "config.json"), str(run_dir)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = evaluate_on_two_ranks(tmp_path, skip2.sd, skip2.cfg, {"sliding": ({}, "sliding"), "ttt": ({}, "ttt")})
     # measured: sliding bit-identical; ttt max |dNLL| 2.4e-6 nats, |dbpb| 1e-8 (gradient reduction order)
     for mode, nll_tol, bpb_tol in (("sliding", 1e-6, 1e-7), ("ttt", 1e-4, 1e-6)):
         one, one_nll = mode_results[mode]

@@ -7,9 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,6 +19,7 @@ from pgolf.evaluate.ngram import build_hints
 from pgolf.evaluate.score import ScoreFirstViolation
 from pgolf.model import build_model
 from test_evaluate import SKIP2_EVAL, debug_cfg, make_val_dir, perturbed_from, run, skip2  # noqa: F401 (fixture)
+from rank_fixtures import evaluate_on_two_ranks
 
 # skip2's token i is a fixed function of token i-2 (90% of the time): 3-token contexts repeat, hints fire
 TILT = dict(ngram_tilt_enabled=True, token_order=4)
@@ -170,38 +168,12 @@ def test_eval_context_longer_than_training_context(skip2, caplog):  # noqa: F811
 
 # --- two gloo ranks ------------------------------------------------------------------------------------
 
-TWO_RANK_SCRIPT = """
-import json, sys, torch
-from pathlib import Path
-torch.set_num_threads(1)
-from pgolf import config, dist
-from pgolf.evaluate import evaluate
-run_dir = Path(sys.argv[2])
-for name, (over, mode) in json.loads(sys.argv[3]).items():
-    cfg = config.load(sys.argv[1]).with_overrides(**over)
-    evaluate(cfg, run_dir, mode=mode, checkpoint=run_dir / "model.pt", per_token_out=run_dir / f"{name}.npz",
-             summary_name=f"{name}.json")
-dist.shutdown()
-"""
-
 
 def test_two_gloo_ranks_with_tilt_and_asym_match_one(skip2, extras, tmp_path):  # noqa: F811
     """Each rank builds the whole stream's hint table (identical: checked across ranks) and scores its
     contiguous share of every chunk's windows, indexing hints by stream position, as #1514's kernel family."""
-    run_dir = tmp_path / "ranks2"
-    run_dir.mkdir()
-    torch.save(skip2.sd, run_dir / "model.pt")
-    (run_dir / "config.json").write_text(skip2.cfg.to_json())
-    (tmp_path / "two.py").write_text(TWO_RANK_SCRIPT)
     wanted = {name: RUNS[name] for name in ("tilt-sliding", "both-ttt")}
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(tmp_path / "two.py"), str(run_dir / "config.json"), str(run_dir), json.dumps(wanted)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = evaluate_on_two_ranks(tmp_path, skip2.sd, skip2.cfg, wanted)
     for name, nll_tol, bpb_tol in (("tilt-sliding", 0.0, 0.0), ("both-ttt", 1e-4, 1e-6)):
         one, one_nll = extras[name]
         two = json.loads((run_dir / f"{name}.json").read_text())

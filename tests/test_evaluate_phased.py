@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,6 +23,7 @@ from pgolf.evaluate.docs import DocPlan, plan_documents, score_time
 from pgolf.evaluate.score import ScoreFirstViolation
 from pgolf.model import BOS_ID
 from test_evaluate import SKIP2_IDS, debug_cfg, make_val_dir, run, skip2, skip2_stream  # noqa: F401 (fixture)
+from rank_fixtures import evaluate_on_two_ranks
 
 LORA = dict(eval_mode="lora_ttt", eval_seq_len=64, ttt_lora_rank=4, ttt_lora_alpha=8.0, ttt_lora_chunk=16,
             ttt_lora_short_chunks="200:8", ttt_lora_doc_batch=4, ttt_lora_lr=1e-2, ttt_phases=2,
@@ -253,39 +251,13 @@ def test_compiled_path_pads_widths_and_warms_up_on_random_tokens(docs, results, 
     np.testing.assert_allclose(nll, results["full"][1], rtol=1e-4, atol=1e-5)
 
 
-TWO_RANK_SCRIPT = """
-import json, sys, torch
-from pathlib import Path
-torch.set_num_threads(1)
-from pgolf import config, dist
-from pgolf.evaluate import evaluate
-run_dir = Path(sys.argv[2])
-for name, over in json.loads(sys.argv[3]).items():
-    cfg = config.load(sys.argv[1]).with_overrides(**over)
-    evaluate(cfg, run_dir, mode="lora_ttt", checkpoint=run_dir / "model.pt", per_token_out=run_dir / f"{name}.npz",
-             summary_name=f"{name}.json")
-dist.shutdown()
-"""
-
-
 def test_two_gloo_ranks(docs, results, tmp_path):
     """Batches go round-robin to the ranks and the phases are collective. Without warm-start A a batch's
     scores do not depend on which rank ran the batch before it, so two ranks match one; with it, every
     target is still scored once and the score stays close."""
-    run_dir = tmp_path / "ranks2"
-    run_dir.mkdir()
-    torch.save(docs.sd, run_dir / "model.pt")
-    (run_dir / "config.json").write_text(docs.cfg.to_json())
-    (tmp_path / "two.py").write_text(TWO_RANK_SCRIPT)
     wanted = {"cold": {**EXTRAS, "ttt_lora_warm_start_a": False}, "full": EXTRAS}
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(tmp_path / "two.py"), str(run_dir / "config.json"), str(run_dir), json.dumps(wanted)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = evaluate_on_two_ranks(tmp_path, docs.sd, docs.cfg,
+                                    {name: (over, "lora_ttt") for name, over in wanted.items()})
     cold_one, cold_one_nll = run(docs.cfg.with_overrides(**wanted["cold"]), tmp_path, docs.sd, "lora_ttt", name="cold")
     full_one = results["full"][0]
     for name, one, tol in (("cold", cold_one, 1e-6), ("full", full_one, 0.02)):
