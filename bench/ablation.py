@@ -148,37 +148,14 @@ def eval_without(cfg, run_dir: Path, el: Element) -> dict[str, Any]:
 
 
 def caseops_row(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from pgolf.data.offline import prepare_offline
+    from cpu import prepare_data
 
-    caseops = Path(prepare_offline(REPO / "data" / "offline-caseops", caseops=True))
-    data = cut_val(caseops, work / "data-caseops", args.val_tokens)
+    caseops = REPO / "data" / "offline-caseops"
+    data = prepare_data(caseops, work, args.val_tokens, caseops=True)
     cfg = B.at_shape(args.frontier, None, args.steps).with_overrides(
         data_path=str(data), tokenizer_path=str(caseops / "tokenizer.model"), val_loss_every=0, device="cpu",
         max_wallclock_seconds=0, seed=args.seed)
     return full_stack(cfg, work / "frontier-caseops")
-
-
-def cut_val(src: Path, out: Path, val_tokens: int) -> Path:
-    """`src` with its val split cut to `val_tokens` (train shards linked; the sidecar cut alike)."""
-    import numpy as np
-
-    from pgolf.data.shards import read_shard, shard_paths, write_shard
-
-    if not val_tokens:
-        return src
-    out.mkdir(parents=True, exist_ok=True)
-    for p in src.iterdir():
-        if p.is_file() and not p.name.startswith("fineweb_val"):
-            link = out / p.name
-            if not link.exists():
-                link.symlink_to(p.resolve())
-    for kind in ("val", "val_bytes"):
-        paths = shard_paths(str(src), kind) if kind == "val" else sorted(src.glob("fineweb_val_bytes_*.bin"))
-        if not paths:
-            continue
-        arr = np.concatenate([np.asarray(read_shard(p)) for p in paths])[: val_tokens + 1]
-        write_shard(out / f"fineweb_{kind}_000000.bin", arr.astype(np.uint16))
-    return out
 
 
 def markdown(rep: dict[str, Any]) -> str:

@@ -74,27 +74,29 @@ def timed(into: dict[str, float], name: str) -> Iterator[None]:
 # data
 
 
-def prepare_data(offline_dir: Path, work: Path, val_tokens: int) -> Path:
-    """The offline dataset; with val_tokens > 0, a copy whose val split is cut to that many tokens
-    (train shards linked, not copied). The tokenizer path stays the offline one."""
-    from pgolf.data.offline import prepare_offline
-
-    data = Path(prepare_offline(offline_dir))
-    if not val_tokens:
-        return data
+def prepare_data(offline_dir: Path, work: Path, val_tokens: int, caseops: bool = False) -> Path:
+    """The offline dataset (CaseOps-transformed with `caseops`); with val_tokens > 0, a copy whose val
+    split and byte sidecar are cut to that many tokens (train shards linked, not copied). The tokenizer
+    path stays the offline one."""
     import numpy as np
 
-    from pgolf.data.loader import load_val_tokens
-    from pgolf.data.shards import shard_paths, write_shard
+    from pgolf.data.offline import prepare_offline
+    from pgolf.data.shards import read_shard, shard_paths, sidecar_paths, write_shard
 
-    out = work / "data"
+    data = Path(prepare_offline(offline_dir, caseops=caseops))
+    if not val_tokens:
+        return data
+    out = work / ("data-caseops" if caseops else "data")
     out.mkdir(parents=True, exist_ok=True)
     for p in shard_paths(data, "train"):
         link = out / p.name
         if not link.exists():
             link.symlink_to(p.resolve())
-    val = load_val_tokens(data)[: val_tokens + 1]
-    write_shard(out / "fineweb_val_000000.bin", np.asarray(val, dtype=np.uint16))
+    for name, paths in (("fineweb_val_000000.bin", shard_paths(data, "val")),
+                        ("fineweb_val_bytes_000000.bin", sidecar_paths(data, "val"))):
+        if paths:  # the sidecar holds one entry per val token: cut alike
+            part = np.concatenate([np.asarray(read_shard(p)) for p in paths])[: val_tokens + 1]
+            write_shard(out / name, part.astype(np.uint16))
     return out
 
 
