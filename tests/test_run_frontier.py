@@ -4,15 +4,13 @@ every frontier element on, original bytes through the sidecar, the leakage check
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pgolf.cli import main
-from pgolf.data.shards import read_shard, shard_paths, write_shard
+from data_fixtures import cut_val
 from store_fixtures import TEST_BUCKET, backend_env
 
 VAL_TOKENS = 4_000
@@ -21,13 +19,7 @@ VAL_TOKENS = 4_000
 @pytest.fixture(scope="module")
 def caseops_cut(offline_caseops_data: Path, tmp_path_factory) -> Path:
     """The CaseOps corpus with its val split (and sidecar) cut, so a whole run takes seconds."""
-    out = tmp_path_factory.mktemp("caseops_cut")
-    for path in shard_paths(offline_caseops_data, "train"):
-        (out / path.name).symlink_to(path)
-    for name in ("fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin"):
-        write_shard(out / name, np.asarray(read_shard(offline_caseops_data / name))[:VAL_TOKENS])
-    shutil.copy(offline_caseops_data / "tokenizer.model", out / "tokenizer.model")
-    return out
+    return cut_val(offline_caseops_data, tmp_path_factory.mktemp("caseops_cut"), VAL_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
+from data_fixtures import cut_val
 from pgolf import config
-from pgolf.data.shards import read_shard, shard_paths, write_shard
+from pgolf.data.shards import write_shard
 from pgolf.errors import ConfigError, DataError, TrainingError
 from pgolf.train import distributed_context, train
 from pgolf.train.schedule import grad_accum_steps, lr_multiplier, train_cap_ms
@@ -33,13 +34,7 @@ VAL_ROWS, SEQ = 32, 64  # the debug preset's TRAIN_SEQ_LEN is 64
 @pytest.fixture(scope="module")
 def small_data(offline_data: Path, tmp_path_factory) -> Path:
     """The offline corpus' train shards (linked) + the first 32 rows of its val stream."""
-    out = tmp_path_factory.mktemp("small_data")
-    for path in shard_paths(offline_data, "train"):
-        (out / path.name).symlink_to(path)
-    val = np.asarray(read_shard(shard_paths(offline_data, "val")[0]))[: VAL_ROWS * SEQ + 1]
-    write_shard(out / "fineweb_val_000000.bin", val)
-    shutil.copy(offline_data / "tokenizer.model", out / "tokenizer.model")
-    return out
+    return cut_val(offline_data, tmp_path_factory.mktemp("small_data"), VAL_ROWS * SEQ + 1)
 
 
 def _cfg(data: Path, **overrides) -> config.Config:

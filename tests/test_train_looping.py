@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pgolf import config
-from pgolf.data.shards import read_shard, shard_paths, write_shard
+from data_fixtures import cut_val
 from pgolf.train import train
 from pgolf.train.schedule import training_progress
 
@@ -26,15 +24,7 @@ def test_training_progress_is_the_clock_that_ends_first():
 
 @pytest.fixture(scope="module")
 def small_caseops(offline_caseops_data: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("small_caseops")
-    for path in shard_paths(offline_caseops_data, "train"):
-        (out / path.name).symlink_to(path)
-    val = np.asarray(read_shard(shard_paths(offline_caseops_data, "val")[0]))[: VAL_ROWS * SEQ + 1]
-    write_shard(out / "fineweb_val_000000.bin", val)
-    sidecar = offline_caseops_data / "fineweb_val_bytes_000000.bin"  # bytes per val token, same layout
-    write_shard(out / sidecar.name, np.asarray(read_shard(sidecar))[: VAL_ROWS * SEQ + 1])
-    shutil.copy(offline_caseops_data / "tokenizer.model", out / "tokenizer.model")
-    return out
+    return cut_val(offline_caseops_data, tmp_path_factory.mktemp("small_caseops"), VAL_ROWS * SEQ + 1)
 
 
 def test_frontier_debug_switches_looping_on_at_35_percent(small_caseops, tmp_path):
