@@ -27,10 +27,13 @@ def small_caseops(offline_caseops_data: Path, tmp_path_factory) -> Path:
     return cut_val(offline_caseops_data, tmp_path_factory.mktemp("small_caseops"), VAL_ROWS * SEQ + 1)
 
 
+def frontier_debug(data: Path, **overrides) -> config.Config:
+    return config.resolve("frontier-debug", dict(data_path=str(data), tokenizer_path=str(data / "tokenizer.model"),
+                                                 val_batch_size=1024, **overrides), env={})
+
+
 def test_frontier_debug_switches_looping_on_at_35_percent(small_caseops, tmp_path):
-    cfg = config.resolve("frontier-debug", dict(data_path=str(small_caseops),
-                                                 tokenizer_path=str(small_caseops / "tokenizer.model"),
-                                                 iterations=6, val_batch_size=1024, train_log_every=1), env={})
+    cfg = frontier_debug(small_caseops, iterations=6, train_log_every=1)
     run_dir = tmp_path / "run"
     train(cfg, run_dir)
     log = (run_dir / "train.log").read_text()
@@ -42,9 +45,7 @@ def test_frontier_debug_switches_looping_on_at_35_percent(small_caseops, tmp_pat
 
 
 def test_a_run_that_ends_before_the_switch_ships_looped(small_caseops, tmp_path):
-    cfg = config.resolve("frontier-debug", dict(data_path=str(small_caseops),
-                                                 tokenizer_path=str(small_caseops / "tokenizer.model"),
-                                                 iterations=2, val_batch_size=1024, enable_looping_at=0.9), env={})
+    cfg = frontier_debug(small_caseops, iterations=2, enable_looping_at=0.9)
     run_dir = tmp_path / "run"
     train(cfg, run_dir)
     assert "looping:enabled step:3 end_of_training slots:5" in (run_dir / "train.log").read_text()
