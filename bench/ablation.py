@@ -78,6 +78,10 @@ def log(msg: str) -> None:
     print(f"[ablation {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def slug(label: str) -> str:
+    return "".join(ch for ch in label if ch.isalnum())
+
+
 def applies(cfg, el: Element) -> bool:
     """The element exists in this checkout's config and is on in the frontier config."""
     flat = cfg.flat()
@@ -142,7 +146,7 @@ def eval_without(cfg, run_dir: Path, el: Element) -> dict[str, Any]:
     from pgolf.evaluate import evaluate
 
     c = cfg.with_overrides(**el.off)
-    name = "eval_without_" + "".join(ch for ch in el.label if ch.isalnum()) + ".json"
+    name = f"eval_without_{slug(el.label)}.json"
     r = evaluate(c, run_dir, mode=c.eval.eval_mode, summary_name=name)
     return {"final": r.val_bpb, "final_mode": c.eval.eval_mode, "eval_s": round(r.eval_time_s, 1)}
 
@@ -241,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         log(f"without {el.label}")
         if el.stage == "train":
-            r = train_only(frontier.with_overrides(**el.off), work / ("without-" + "".join(
-                ch for ch in el.label if ch.isalnum())))
+            r = train_only(frontier.with_overrides(**el.off), work / f"without-{slug(el.label)}")
             bpb, delta = r["prequant"], r["prequant"] - ref["prequant"]
         else:
             r = eval_without(frontier, work / "frontier", el)
